@@ -1,0 +1,20 @@
+"""Errors with a one-line message that names the problem and the fix.
+
+Entry points catch `LrkvError` and print its message instead of a stack trace.
+"""
+
+
+class LrkvError(Exception):
+    """Base class for errors with a one-line message that names the problem and the fix."""
+
+
+class ConfigError(LrkvError, ValueError):
+    """A bad configuration value."""
+
+
+class DataError(LrkvError):
+    """Missing or unusable data."""
+
+
+class CheckpointError(LrkvError):
+    """A missing, corrupt or incompatible checkpoint."""
