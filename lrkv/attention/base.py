@@ -1,0 +1,88 @@
+"""The interface every attention kind implements.
+
+    attn = Kind(cfg)                               # cfg: ModelConfig
+    y = attn(x, cache=None, positions=None)        # x (B, T, d) -> (B, T, d)
+    cache = attn.new_cache(batch, max_len, device, dtype)   # a LayerCache with what the kind needs
+
+Class-level facts used by configs, footprint and FLOP counts (no instance needed, so they work for
+6.3B presets without memory): `fields`, `validate(cfg)`, `cache_elements_per_token(cfg)`,
+`score_dims(cfg)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lrkv.cache import LayerCache
+from lrkv.norm import RMSNorm
+
+
+def linear_std(fan_out: int, fan_in: int) -> float:
+    """std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) (nanochat's init, arXiv 2310.17813)."""
+    return 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+
+
+def init_linear_(weight: torch.Tensor) -> torch.Tensor:
+    return nn.init.normal_(weight, mean=0.0, std=linear_std(weight.shape[0], weight.shape[1]))
+
+
+def linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+class Attention(nn.Module):
+    kind: ClassVar[str] = ""
+    fields: ClassVar[tuple[str, ...]] = ()  # ModelConfig fields this kind owns (see config.KIND_FIELDS)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.head_dim, self.d_model = cfg.n_head, cfg.head_dim, cfg.d_model
+
+    # ---- class-level facts ------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Fill the kind's defaults in cfg and raise ConfigError (one line, naming the field) if invalid."""
+
+    @classmethod
+    def cache_elements_per_token(cls, cfg) -> int:
+        """KV-cache elements stored per token for one layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def score_dims(cls, cfg) -> tuple[int, int]:
+        """(query/key dim, value dim) per head, for the attention FLOP count."""
+        return cfg.head_dim, cfg.head_dim
+
+    # ---- instance interface -------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.bfloat16) -> LayerCache:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, positions: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Default init: every Linear normal (see init_linear_), the output projection zero if configured."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear_(module.weight)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        if self.cfg.zero_init_out:
+            nn.init.zeros_(self.wo.weight)
+
+    # ---- helpers shared by the kinds ------------------------------------------------------------
+    def head_norm(self) -> nn.Module:
+        """QK-norm module for one head vector (identity when cfg.qk_norm is off)."""
+        if not self.cfg.qk_norm:
+            return nn.Identity()
+        return RMSNorm(self.head_dim, self.cfg.norm_eps, self.cfg.norm_affine)
+
+    @staticmethod
+    def default_positions(x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        return torch.arange(start, start + x.shape[1], device=x.device)

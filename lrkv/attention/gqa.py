@@ -1,0 +1,70 @@
+"""Grouped-query attention (GQA): H query heads share G key/value heads.
+
+    q_h = RoPE(norm(x W_Q,h)),  k_g = RoPE(norm(x W_K,g)),  v_g = x W_V,g      W_K, W_V: d -> G*d_h
+    head h attends with key/value group g = h // (H/G)
+    y = concat_h softmax(q_h k_g^T / sqrt(d_h) + causal) v_g  W_O
+
+KV cache per token and layer: k and v of the G groups, 2*G*d_h elements (post-norm, post-RoPE keys).
+MHA is G = H (mha.py), MQA is G = 1 (mqa.py).
+"""
+
+import torch
+
+from lrkv.cache import LayerCache
+from lrkv.errors import ConfigError
+from lrkv.rope import apply_rope, rope_cos_sin
+
+from . import register
+from .base import Attention, linear
+from .kernel import attend
+
+
+def check_kv_heads(cfg, kind: str) -> None:
+    g = cfg.kv_heads
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise ConfigError(f"model.kv_heads must be a positive integer for attention={kind}, got {g!r}")
+    if cfg.n_head % g:
+        raise ConfigError(
+            f"model.n_head={cfg.n_head} is not divisible by model.kv_heads={g}; pick kv_heads that divides n_head"
+        )
+
+
+@register("gqa")
+class GroupedQueryAttention(Attention):
+    fields = ("kv_heads",)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if cfg.kv_heads is None:
+            raise ConfigError("model.kv_heads is required for attention=gqa (e.g. model.kv_heads=2)")
+        check_kv_heads(cfg, cls.kind)
+
+    @classmethod
+    def cache_elements_per_token(cls, cfg) -> int:
+        return 2 * cfg.kv_heads * cfg.head_dim
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.kv_heads = cfg.kv_heads
+        h, g, dh, d = self.n_head, self.kv_heads, self.head_dim, self.d_model
+        self.wq, self.wk, self.wv, self.wo = linear(d, h * dh), linear(d, g * dh), linear(d, g * dh), linear(h * dh, d)
+        self.q_norm, self.k_norm = self.head_norm(), self.head_norm()
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=torch.bfloat16) -> LayerCache:
+        shape = (batch_size, max_len, self.kv_heads, self.head_dim)
+        return LayerCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x, cache=None, positions=None):
+        b, t, _ = x.shape
+        if positions is None:
+            positions = self.default_positions(x, cache)
+        q = self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim))
+        k = self.k_norm(self.wk(x).view(b, t, self.kv_heads, self.head_dim))
+        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kv = cache.append(k=k.to(cache.buffers["k"].dtype), v=v.to(cache.buffers["v"].dtype))
+            k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
+        y = attend(q, k, v, backend=self.cfg.attn_backend)
+        return self.wo(y.reshape(b, t, -1))
