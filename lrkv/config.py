@@ -106,7 +106,8 @@ class ModelConfig:
         """Analytic KV-cache elements per token, summed over all layers."""
         from lrkv.attention import get_attention_class
 
-        return self.n_layer * get_attention_class(self.attention).cache_elements_per_token(self)
+        cls = get_attention_class(self.attention)
+        return sum(cls.layer_cache_elements(self, layer) for layer in range(self.n_layer))
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Analytic KV-cache bytes per token: elements x layers x bytes(dtype)."""

@@ -51,7 +51,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
-        self.attn = get_attention_class(cfg.attention)(cfg)
+        self.attn = get_attention_class(cfg.attention)(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
         self.mlp = MLP(cfg)
 

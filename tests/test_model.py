@@ -322,10 +322,10 @@ def test_a_new_kind_is_one_registered_class():
             cfg.attn_options.setdefault("groups", cfg.n_head)
             cfg.kv_heads = None  # owns no ModelConfig field; reads attn_options
 
-        def __init__(self, cfg):
+        def __init__(self, cfg, layer=0):
             cfg_copy = ModelConfig.__new__(ModelConfig)
             cfg_copy.__dict__.update({**cfg.__dict__, "kv_heads": cfg.attn_options["groups"]})
-            super().__init__(cfg_copy)
+            super().__init__(cfg_copy, layer)
 
         @classmethod
         def cache_elements_per_token(cls, cfg):

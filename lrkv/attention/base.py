@@ -1,6 +1,6 @@
 """The interface every attention kind implements.
 
-    attn = Kind(cfg)                               # cfg: ModelConfig
+    attn = Kind(cfg, layer)                        # cfg: ModelConfig, layer: index in the stack
     y = attn(x, cache=None, positions=None)        # x (B, T, d) -> (B, T, d)
     cache = attn.new_cache(batch, max_len, device, dtype)   # a LayerCache with what the kind needs
 
@@ -38,9 +38,9 @@ class Attention(nn.Module):
     kind: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()  # ModelConfig fields this kind owns (see config.KIND_FIELDS)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         self.n_head, self.head_dim, self.d_model = cfg.n_head, cfg.head_dim, cfg.d_model
 
     # ---- class-level facts ------------------------------------------------------------------
@@ -52,6 +52,11 @@ class Attention(nn.Module):
     def cache_elements_per_token(cls, cfg) -> int:
         """KV-cache elements stored per token for one layer."""
         raise NotImplementedError
+
+    @classmethod
+    def layer_cache_elements(cls, cfg, layer: int) -> int:
+        """Elements per token for layer `layer`; override when layers differ (e.g. per-layer ranks)."""
+        return cls.cache_elements_per_token(cfg)
 
     @classmethod
     def score_dims(cls, cfg) -> tuple[int, int]:

@@ -43,8 +43,8 @@ class GroupedQueryAttention(Attention):
     def cache_elements_per_token(cls, cfg) -> int:
         return 2 * cfg.kv_heads * cfg.head_dim
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer: int = 0):
+        super().__init__(cfg, layer)
         self.kv_heads = cfg.kv_heads
         h, g, dh, d = self.n_head, self.kv_heads, self.head_dim, self.d_model
         self.wq, self.wk, self.wv, self.wo = linear(d, h * dh), linear(d, g * dh), linear(d, g * dh), linear(h * dh, d)

@@ -63,8 +63,8 @@ class LowRankKVAttention(Attention):
     def cache_elements_per_token(cls, cfg) -> int:
         return 2 * cfg.head_dim + 2 * cfg.n_head * cfg.rank
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer: int = 0):
+        super().__init__(cfg, layer)
         h, dh, d, r = self.n_head, self.head_dim, self.d_model, cfg.rank
         self.rank = r
         self.wq, self.wo = linear(d, h * dh), linear(h * dh, d)

@@ -65,8 +65,8 @@ class MultiHeadLatentAttention(Attention):
     def score_dims(cls, cfg) -> tuple[int, int]:
         return cfg.head_dim + cfg.rope_dim, cfg.head_dim
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, layer: int = 0):
+        super().__init__(cfg, layer)
         h, dh, d = self.n_head, self.head_dim, self.d_model
         self.d_c, self.d_r = cfg.kv_latent, cfg.rope_dim
         self.scale = 1.0 / math.sqrt(dh + self.d_r)
