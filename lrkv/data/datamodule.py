@@ -1,0 +1,204 @@
+"""LightningDataModule over the data pipeline (the only data module that imports Lightning).
+
+Built from plain arguments (Hydra can fill them from ``configs/data/*.yaml``). ``prepare_data``
+(one process per node) trains or loads the cached tokenizer and, with ``storage="shards"``, writes
+the token shards; ``setup`` loads them on every rank and builds the loaders.
+
+Exact resume. Lightning fetches one batch ahead of the one being trained on, so the position of the
+train loader is not what was consumed. The module therefore counts the training batches that reach
+``on_before_batch_transfer`` (called once per batch actually used, in the main process) and its
+``state_dict()`` is the loader state after that many batches from where the dataloader started.
+Lightning stores it in the checkpoint and calls ``load_state_dict`` before ``train_dataloader``
+on resume, so training continues with exactly the batch after the last one trained on. This holds
+for any ``num_workers``: worker ``w`` of ``n`` produces batches ``w, w + n, ...`` and the DataLoader
+hands them out in order. A LightningModule must not override ``on_before_batch_transfer`` itself
+(Lightning would then call the datamodule's anyway, with a warning: keep the logic there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lrkv.data.corpus import CorpusSpec, corpus_key, iter_documents, source_kind
+from lrkv.data.loader import BatchLoader, InMemoryTokens, make_dataloader
+from lrkv.data.shards import load_or_write_shards
+from lrkv.data.tokenizer import Tokenizer, load_or_train_bpe, padded_vocab_size, token_byte_lengths
+from lrkv.errors import ConfigError
+
+STORAGES = ("memory", "shards")
+
+
+class LMDataModule(L.LightningDataModule):
+    """Packed next-token batches ``{"input", "target", "bytes"}`` for language-model training.
+
+    Corpus (see ``CorpusSpec``): source, name, split, val_split, text_field, txt_unit,
+        val_fraction, split_seed, streaming, max_documents.
+    max_tokens / val_max_tokens: stop reading each split after about that many tokens.
+    tokenizer: "bpe" to train (and cache) a byte-level BPE of ``vocab_size`` on the training split
+        (at most ``tokenizer_max_chars`` characters), or a path to a tokenizer.json or a directory
+        with tokenizer.json or GPT-2 style vocab.json + merges.txt.
+    seq_len, batch_size: per-rank micro batch of ``batch_size`` rows of ``seq_len`` tokens.
+    val_batch_size (default batch_size), val_batches: cap on validation batches per pass.
+    seed: order of the training stream (documents and windows per epoch). The split has its own
+        ``split_seed`` so that runs with different seeds validate on the same documents.
+    storage: "memory" (tokenize into RAM at setup) or "shards" (tokenize once into memory-mapped
+        files under ``cache_dir``, reused by later runs).
+    rank, world_size: data-parallel position; default from torch.distributed when initialised
+        (Lightning initialises it before ``setup``), else the trainer, else 0 of 1.
+    """
+
+    def __init__(self, source: str = "embedded", *, name: str | None = None, split: str = "train",
+                 val_split: str | None = None, text_field: str = "text",
+                 txt_unit: str = "document", val_fraction: float = 0.02, split_seed: int = 0,
+                 streaming: bool = True, max_documents: int | None = None,
+                 max_tokens: int | None = None, val_max_tokens: int | None = None,
+                 tokenizer: str = "bpe", vocab_size: int = 4096,
+                 tokenizer_max_chars: int | None = 100_000_000, seq_len: int = 256,
+                 batch_size: int = 8, val_batch_size: int | None = None,
+                 val_batches: int | None = None, seed: int = 0, storage: str = "memory",
+                 cache_dir: str = ".cache/lrkv", num_workers: int = 0, pin_memory: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if storage not in STORAGES:
+            raise ConfigError(f"storage={storage!r} is unknown: use 'memory' or 'shards'")
+        self.spec = CorpusSpec(source=source, name=name, split=split, val_split=val_split,
+                               val_fraction=val_fraction, split_seed=split_seed,
+                               text_field=text_field, txt_unit=txt_unit, streaming=streaming,
+                               max_documents=max_documents)
+        if (storage == "memory" and source_kind(source) == "hub"
+                and max_documents is None and max_tokens is None):
+            raise ConfigError(f"data.source={source!r} streams a hub dataset; in memory it needs a "
+                              "limit: set data.max_tokens (or max_documents), or storage=shards")
+        self.tokenizer: Tokenizer | None = None
+        self.token_bytes: torch.Tensor | None = None
+        self.train_loader: BatchLoader | None = None
+        self.val_loader: BatchLoader | None = None
+        self.rank, self.world_size = rank, world_size
+        self._train_start: dict | None = None  # loader state the current train dataloader began at
+        self._consumed = 0  # training batches used since then
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Heavy one-off work on one process per node: tokenizer and, for shards, tokenization."""
+        tokenizer = self._load_tokenizer()
+        if self.hparams.storage == "shards":
+            for split in ("train", "val"):
+                self._token_source(split, tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_loader is not None:
+            return
+        self.rank, self.world_size = self._resolve_rank()
+        self.tokenizer = self._load_tokenizer()
+        self.token_bytes = token_byte_lengths(self.tokenizer)
+        hp = self.hparams
+        self.train_loader = BatchLoader(
+            self._token_source("train", self.tokenizer), seq_len=hp.seq_len,
+            batch_size=hp.batch_size, seed=hp.seed, shuffle=True, infinite=True, rank=self.rank,
+            world_size=self.world_size, token_bytes=self.token_bytes)
+        self.val_loader = BatchLoader(
+            self._token_source("val", self.tokenizer), seq_len=hp.seq_len,
+            batch_size=hp.val_batch_size or hp.batch_size, shuffle=False, infinite=False,
+            rank=self.rank, world_size=self.world_size, token_bytes=self.token_bytes,
+            max_batches=hp.val_batches)
+        if self._train_start is not None:
+            self.train_loader.load_state_dict(self._train_start)  # validates a loaded state early
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite stream from the current data position (use ``max_steps`` to stop)."""
+        self._require_setup()
+        self._train_start = self.state_dict()["train"]
+        self._consumed = 0
+        return make_dataloader(self.train_loader, self._train_start,
+                               num_workers=self.hparams.num_workers,
+                               pin_memory=self.hparams.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        """One deterministic pass over the validation windows of this rank."""
+        self._require_setup()
+        return make_dataloader(self.val_loader, None, num_workers=self.hparams.num_workers,
+                               pin_memory=self.hparams.pin_memory)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count training batches as they are used (not as they are prefetched)."""
+        if self.trainer is None or self.trainer.training:
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """``{"train": loader state}``: JSON-serialisable position after the batches used."""
+        if self.train_loader is None:
+            return {"train": self._train_start} if self._train_start is not None else {}
+        return {"train": self.train_loader.state_after(self._consumed, self._train_start)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict.get("train"):
+            return
+        self._train_start, self._consumed = dict(state_dict["train"]), 0
+        if self.train_loader is not None:
+            self.train_loader.load_state_dict(self._train_start)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer produces (unpadded); the model may pad with ``padded_vocab_size``."""
+        self._require_setup()
+        return self.tokenizer.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size)
+
+    @property
+    def eos_id(self) -> int:
+        self._require_setup()
+        return self.tokenizer.eos_id
+
+    # ------------------------------------------------------------------ helpers
+
+    def _load_tokenizer(self) -> Tokenizer:
+        hp = self.hparams
+        if hp.tokenizer != "bpe":
+            return Tokenizer.load(hp.tokenizer)
+        return load_or_train_bpe(lambda: iter_documents(self.spec, "train"),
+                                 vocab_size=hp.vocab_size, cache_dir=hp.cache_dir,
+                                 corpus_key=corpus_key(self.spec),
+                                 max_chars=hp.tokenizer_max_chars)
+
+    def _token_source(self, split: str, tokenizer: Tokenizer):
+        hp = self.hparams
+        max_tokens = hp.max_tokens if split == "train" else hp.val_max_tokens
+        texts = lambda: iter_documents(self.spec, split)  # noqa: E731
+        if hp.storage == "memory":
+            return InMemoryTokens.from_texts(texts(), tokenizer, max_tokens=max_tokens,
+                                             shuffle_documents=split == "train", seed=hp.seed)
+        key = {"corpus": corpus_key(self.spec), "tokenizer": tokenizer.sha256,
+               "max_tokens": hp.max_tokens, "val_max_tokens": hp.val_max_tokens}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        directory = os.path.join(hp.cache_dir, "shards", digest)
+        return load_or_write_shards(texts, tokenizer, directory, split, max_tokens=max_tokens,
+                                    meta=key)
+
+    def _resolve_rank(self) -> tuple[int, int]:
+        if self.rank is not None or self.world_size is not None:
+            if self.rank is None or self.world_size is None:
+                raise ConfigError("set both data.rank and data.world_size, or neither")
+            return self.rank, self.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def _require_setup(self) -> None:
+        if self.train_loader is None:
+            raise RuntimeError("call setup() before using the datamodule's data")
