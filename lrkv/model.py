@@ -10,9 +10,12 @@ big presets for free; `init_weights()` initialises (again) after `to_empty()` (F
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lrkv.attention import get_attention_class, init_linear_
 from lrkv.cache import KVCache
@@ -59,6 +62,18 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache, positions)
         return x + self.mlp(self.mlp_norm(x))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Attention's own init; MLP up normal, down zero (or normal); norm weights ones."""
+        self.attn_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.attn.reset_parameters()
+        init_linear_(self.mlp.up.weight)
+        if self.attn.cfg.zero_init_out:
+            nn.init.zeros_(self.mlp.down.weight)
+        else:
+            init_linear_(self.mlp.down.weight)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -69,24 +84,37 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward (training only)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
     # ---- init -------------------------------------------------------------------------------
+    def init_plan(self) -> list[tuple[list[nn.Module], Callable[[], None]]]:
+        """Independent parts of the model and their init functions, in a fixed order.
+
+        `init_weights(seed)` seeds part i with seed + i, so a part can be materialised and initialised
+        on its own (FSDP builds block by block) and still equal the single-process model exactly.
+        """
+        plan = [([self.embed, self.embed_norm], self._init_embedding)]
+        plan += [([block], block.reset_parameters) for block in self.blocks]
+        plan += [([self.norm] + ([self.lm_head] if self.lm_head is not None else []), self._init_head)]
+        return plan
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Embedding N(0, 1) (0.02 when tied), every block's own init, LM head zero (or N(0, 1/d))."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every part (see init_plan); with a seed, independent of the global RNG."""
+        for i, (_, init) in enumerate(self.init_plan()):
+            seeded(init, None if seed is None else seed + i)
+
+    def _init_embedding(self) -> None:
+        """Embedding N(0, 1) as in nanochat (N(0, 0.02) when tied to the LM head)."""
         nn.init.normal_(self.embed.weight, std=0.02 if self.cfg.tie_embeddings else 1.0)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            block.attn.reset_parameters()
-            init_linear_(block.mlp.up.weight)
-            if self.cfg.zero_init_out:
-                nn.init.zeros_(block.mlp.down.weight)
-            else:
-                init_linear_(block.mlp.down.weight)
+        if isinstance(self.embed_norm, RMSNorm):
+            self.embed_norm.reset_parameters()
+
+    def _init_head(self) -> None:
+        """LM head zero (nanochat) or normal, final norm ones."""
+        self.norm.reset_parameters()
         if self.lm_head is not None:
             if self.cfg.zero_init_out:
                 nn.init.zeros_(self.lm_head.weight)
@@ -109,7 +137,10 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + t, device=tokens.device)
         x = self.embed_norm(self.embed(tokens))
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None, positions)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, None, positions, use_reentrant=False)
+            else:
+                x = block(x, cache.layers[i] if cache is not None else None, positions)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -189,6 +220,16 @@ class Transformer(nn.Module):
         t = seq_len or self.cfg.max_seq_len
         d_qk, d_v = get_attention_class(self.cfg.attention).score_dims(self.cfg)
         return 6 * self.num_params(non_embedding=True) + 6 * self.cfg.n_layer * self.cfg.n_head * (d_qk + d_v) * t
+
+
+def seeded(fn: Callable[[], None], seed: int | None) -> None:
+    """Run fn with the CPU RNG seeded (and restored afterwards); plain call when seed is None."""
+    if seed is None:
+        fn()
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fn()
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
