@@ -509,6 +509,17 @@ def test_datamodule_batches_and_resume_counting_only_used_batches(tmp_path):
     assert val and same_batches(val, list(dm.val_dataloader()))
 
 
+def test_datamodule_hub_sources_need_token_caps(tmp_path):
+    hub = "hf:HuggingFaceFW/fineweb-edu"
+    with pytest.raises(ConfigError) as e:
+        make_dm(tmp_path, source=hub, storage="shards")
+    one_line_error(e, "val_max_tokens")
+    with pytest.raises(ConfigError) as e:
+        make_dm(tmp_path, source=hub, val_max_tokens=10**6)
+    one_line_error(e, "max_tokens", "storage=shards")
+    make_dm(tmp_path, source=hub, storage="shards", val_max_tokens=10**6)  # constructs offline
+
+
 def test_datamodule_rank_arguments_and_shards(tmp_path):
     rank0 = make_dm(tmp_path, rank=0, world_size=2, storage="shards")
     rank0.prepare_data()

@@ -72,10 +72,15 @@ class LMDataModule(L.LightningDataModule):
                                val_fraction=val_fraction, split_seed=split_seed,
                                text_field=text_field, txt_unit=txt_unit, streaming=streaming,
                                max_documents=max_documents)
-        if (storage == "memory" and source_kind(source) == "hub"
-                and max_documents is None and max_tokens is None):
-            raise ConfigError(f"data.source={source!r} streams a hub dataset; in memory it needs a "
-                              "limit: set data.max_tokens (or max_documents), or storage=shards")
+        if source_kind(source) == "hub" and max_documents is None:
+            # A held-out split by hash is spread over the whole stream: without a cap, collecting
+            # it reads the entire dataset. In memory, the training split needs a cap as well.
+            if val_split is None and val_max_tokens is None:
+                raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
+                                  "data.val_max_tokens (e.g. 10000000) or data.val_split")
+            if storage == "memory" and max_tokens is None:
+                raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
+                                  "data.max_tokens to hold it in memory, or use storage=shards")
         self.tokenizer: Tokenizer | None = None
         self.token_bytes: torch.Tensor | None = None
         self.train_loader: BatchLoader | None = None

@@ -133,7 +133,7 @@ class BatchLoader:
         if not self.infinite and self._position[1] >= self._end_index():
             self._position = (0, 0)
         for batch in self.iter_batches(self.state_dict()):
-            self._position = self._next(self._position)
+            self._position = self._after(self._position, 1)
             yield batch
 
     def iter_batches(self, start: dict | None = None, first: int = 0,
@@ -164,9 +164,7 @@ class BatchLoader:
         """The state after ``num_batches`` batches served from ``start`` (default: the beginning),
         without reading tokens: lets a caller track what was consumed, not what was prefetched."""
         position = self._position_of(start) if start is not None else (0, 0)
-        for _ in range(num_batches):
-            position = self._next(position)
-        return self._state(position)
+        return self._state(self._after(position, num_batches))
 
     def epoch_windows(self, epoch: int = 0) -> int:
         """Windows in one epoch over all ranks."""
@@ -218,9 +216,9 @@ class BatchLoader:
             epoch += 1
         return epoch, index
 
-    def _next(self, position: tuple[int, int]) -> tuple[int, int]:
-        """The position after one batch (a finite pass stops at its end)."""
-        epoch, index = self._advance(position, self.batch_size * self.world_size)
+    def _after(self, position: tuple[int, int], num_batches: int) -> tuple[int, int]:
+        """The position after ``num_batches`` batches (a finite pass stops at its end)."""
+        epoch, index = self._advance(position, num_batches * self.batch_size * self.world_size)
         return (epoch, index) if self.infinite else (0, min(index, self._end_index()))
 
     def _end_index(self) -> int:
