@@ -73,7 +73,7 @@ class CorpusSpec:
     name: str | None = None
     split: str = "train"
     val_split: str | None = None
-    val_fraction: float = 0.02
+    val_fraction: float = 0.05
     split_seed: int = 0
     text_field: str = "text"
     txt_unit: str = "document"
@@ -82,7 +82,7 @@ class CorpusSpec:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction} is outside [0, 1): use e.g. 0.02")
+            raise ConfigError(f"val_fraction={self.val_fraction} is outside [0, 1): use e.g. 0.05")
         if self.txt_unit not in ("document", "paragraph"):
             raise ConfigError(f"txt_unit={self.txt_unit!r} is unknown: use 'document' or 'paragraph'")
         if self.max_documents is not None and self.max_documents < 1:
@@ -260,18 +260,24 @@ def _read_local(spec: CorpusSpec, path: str, hf_cache_dir: str | None) -> Iterat
 # --------------------------------------------------------------------------- hub datasets
 
 
-def hub_unreachable_reason() -> str | None:
-    """Why the hub cannot be used right now, or None. Fast: offline variables, then a 3 s TCP
-    probe of the endpoint (skipped behind a proxy, where a direct connection may be blocked)."""
+def offline_flag() -> str | None:
+    """"HF_HUB_OFFLINE=1" (or HF_DATASETS_OFFLINE) when the user asked for offline mode, else None."""
     for var in _OFFLINE_VARS:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var}={os.environ[var]}"
+    return None
+
+
+def probe_hub(timeout: float = 3.0) -> str | None:
+    """Why the hub endpoint cannot be reached, or None: one TCP connection attempt, so that a
+    machine without network fails in seconds instead of after huggingface_hub's retries.
+    Skipped behind a proxy, where a direct connection may be blocked although the hub works."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=3.0).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as e:
         return f"{endpoint.hostname}:{port} unreachable: {_first_line(e)}"
     return None
@@ -285,8 +291,12 @@ def _read_hub(spec: CorpusSpec, split: str, hf_cache_dir: str | None) -> Iterato
     where = f"{name!r}" + (f" (config {spec.name!r}, split {split!r})" if spec.name else f" (split {split!r})")
     if not spec.source.startswith("hf:"):
         where += ", which is no local path either"
-    if not is_local_dir and (reason := hub_unreachable_reason()):
-        raise DataError(f"cannot reach the Hugging Face hub for dataset {where}: {reason}; {_FIX}")
+    if not is_local_dir:
+        # Offline, only a non-streaming dataset already in the local datasets cache can load.
+        offline = offline_flag()
+        reason = (offline if spec.streaming else None) if offline else probe_hub()
+        if reason:
+            raise DataError(f"cannot reach the Hugging Face hub for dataset {where}: {reason}; {_FIX}")
     try:
         rows = datasets.load_dataset(os.path.expanduser(name), spec.name, split=split,
                                      streaming=spec.streaming, cache_dir=hf_cache_dir)

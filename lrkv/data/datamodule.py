@@ -55,7 +55,7 @@ class LMDataModule(L.LightningDataModule):
 
     def __init__(self, source: str = "embedded", *, name: str | None = None, split: str = "train",
                  val_split: str | None = None, text_field: str = "text",
-                 txt_unit: str = "document", val_fraction: float = 0.02, split_seed: int = 0,
+                 txt_unit: str = "document", val_fraction: float = 0.05, split_seed: int = 0,
                  streaming: bool = True, max_documents: int | None = None,
                  max_tokens: int | None = None, val_max_tokens: int | None = None,
                  tokenizer: str = "bpe", vocab_size: int = 4096,
