@@ -291,12 +291,9 @@ def _read_hub(spec: CorpusSpec, split: str, hf_cache_dir: str | None) -> Iterato
     where = f"{name!r}" + (f" (config {spec.name!r}, split {split!r})" if spec.name else f" (split {split!r})")
     if not spec.source.startswith("hf:"):
         where += ", which is no local path either"
-    if not is_local_dir:
-        # Offline, only a non-streaming dataset already in the local datasets cache can load.
-        offline = offline_flag()
-        reason = (offline if spec.streaming else None) if offline else probe_hub()
-        if reason:
-            raise DataError(f"cannot reach the Hugging Face hub for dataset {where}: {reason}; {_FIX}")
+    # Offline means no hub at all (a copy on disk is a local path: use it as the source).
+    if not is_local_dir and (reason := offline_flag() or probe_hub()):
+        raise DataError(f"cannot reach the Hugging Face hub for dataset {where}: {reason}; {_FIX}")
     try:
         rows = datasets.load_dataset(os.path.expanduser(name), spec.name, split=split,
                                      streaming=spec.streaming, cache_dir=hf_cache_dir)
