@@ -288,7 +288,8 @@ def _read_hub(spec: CorpusSpec, split: str, hf_cache_dir: str | None) -> Iterato
 
     name = spec.source[3:] if spec.source.startswith("hf:") else spec.source
     is_local_dir = os.path.isdir(os.path.expanduser(name))
-    where = f"{name!r}" + (f" (config {spec.name!r}, split {split!r})" if spec.name else f" (split {split!r})")
+    config = f"config {spec.name!r}, " if spec.name else ""
+    where = f"{name!r} ({config}split {split!r})"
     if not spec.source.startswith("hf:"):
         where += ", which is no local path either"
     # Offline means no hub at all (a copy on disk is a local path: use it as the source).

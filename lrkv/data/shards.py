@@ -81,7 +81,8 @@ def read_index(directory: str, split: str) -> dict:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"unreadable shard index {path!r}: {e}; delete the directory to rebuild") from e
+        raise DataError(f"unreadable shard index {path!r}: {e}; delete the directory to "
+                        "rebuild") from e
     if index.get("version") != INDEX_VERSION:
         raise DataError(f"shard index {path!r} has version {index.get('version')}, expected "
                         f"{INDEX_VERSION}: delete the directory to rebuild")
@@ -93,7 +94,8 @@ def load_or_write_shards(texts: Callable[[], Iterable[str]], tokenizer, director
     """Open the shards of ``split`` in ``directory``, writing them from ``texts()`` when missing
     or made with another tokenizer. ``directory`` should be keyed by the corpus and settings."""
     path = index_path(directory, split)
-    if not (os.path.isfile(path) and read_index(directory, split)["tokenizer_sha256"] == tokenizer.sha256):
+    made_with = read_index(directory, split)["tokenizer_sha256"] if os.path.isfile(path) else None
+    if made_with != tokenizer.sha256:
         write_shards(texts(), tokenizer, directory, split, **write_kwargs)
     return ShardTokens(directory, split, tokenizer_sha256=tokenizer.sha256)
 
@@ -114,7 +116,8 @@ class ShardTokens:
         self.arrays = []
         for entry in self.index["files"]:
             path = os.path.join(directory, entry["name"])
-            if not os.path.isfile(path) or os.path.getsize(path) != entry["tokens"] * self.dtype.itemsize:
+            size = entry["tokens"] * self.dtype.itemsize
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
                 raise DataError(f"token shard {path!r} is missing or truncated: delete "
                                 f"{directory!r} to rebuild")
             self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))

@@ -48,7 +48,7 @@ class Tokenizer:
         self.eos_token = eos_token
         self.eos_id: int = eos_id
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
         """Size of the id space (largest id + 1), special tokens included; unpadded."""
         return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
