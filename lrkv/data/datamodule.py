@@ -93,7 +93,7 @@ class LMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Heavy one-off work on one process per node: tokenizer and, for shards, tokenization."""
-        tokenizer = self._load_tokenizer()
+        tokenizer = self.load_tokenizer()
         if self.hparams.storage == "shards":
             for split in ("train", "val"):
                 self._token_source(split, tokenizer)
@@ -102,7 +102,7 @@ class LMDataModule(L.LightningDataModule):
         if self.train_loader is not None:
             return
         self.rank, self.world_size = self._resolve_rank()
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = self.load_tokenizer()
         self.token_bytes = token_byte_lengths(self.tokenizer)
         hp = self.hparams
         self.train_loader = BatchLoader(
@@ -170,7 +170,8 @@ class LMDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ helpers
 
-    def _load_tokenizer(self) -> Tokenizer:
+    def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer of this data config: loaded, or trained once and cached (cheap on a cache hit)."""
         hp = self.hparams
         if hp.tokenizer != "bpe":
             return Tokenizer.load(hp.tokenizer)
