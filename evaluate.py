@@ -1,0 +1,164 @@
+"""Evaluate checkpoints and compare runs: `python evaluate.py [mode=...] ckpt=RUN_DIR ...`.
+
+Modes (configs/evaluate.yaml lists every option):
+    loss       cross-entropy, perplexity, bits-per-byte on the run's validation split (default with ckpt)
+    lm_eval    lm-evaluation-harness tasks through the registered "lrkv" model
+    footprint  parameters and KV-cache bytes of presets, measured from meta-device caches
+    compare    markdown table and plots over training runs; steps to reach a target loss
+    diversity  head diversity: effective rank of per-head W_Q,h W_K,hᵀ per layer, % of H
+    generate   completions through the KV cache, with tokens/s
+    compress   post-training KV compression (lrkv/compress/; hook below)
+
+This file only turns the Hydra config into plain arguments and calls lrkv.evaluation. Errors of the
+framework (`LrkvError`) print as one line, `error: ...`, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lrkv.errors import ConfigError, LrkvError
+
+
+def merged(base: dict | None, override: dict | None) -> dict:
+    """Recursive dict merge: override's leaves win."""
+    out = dict(base or {})
+    for key, value in (override or {}).items():
+        out[key] = merged(out.get(key), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# ---- modes: plain dict config in, (result, printable text) out --------------------------------------------
+def mode_loss(c: dict, out: Path):
+    from lrkv.evaluation.loss import evaluate_checkpoint_loss
+    from lrkv.evaluation.report import write_json
+    from lrkv.evaluation.runs import find_run_dir, load_checkpoint, read_run_config, read_summary
+
+    pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
+    run_dir = find_run_dir(c["ckpt"])
+    run_cfg = read_run_config(run_dir) or {}
+    data_cfg = merged(run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None, c.get("data"))
+    lc = c["loss"]
+    result = evaluate_checkpoint_loss(pretrained, data_cfg, split=lc["split"], seq_len=lc["seq_len"],
+                                      batch_size=c["batch_size"], max_batches=lc["max_batches"], max_tokens=lc["max_tokens"])
+    result = {"checkpoint": str(pretrained.path), "model": pretrained.model.cfg.name,
+              "attention": pretrained.model.cfg.attention, **result}
+    logged = read_summary(run_dir).get("final_val_loss") if run_dir else None
+    if logged is not None:
+        result["logged_final_val_loss"] = logged
+    write_json(out / "loss.json", result)
+    bpb = f"{result['bpb']:.4f}" if result["bpb"] is not None else "-"
+    text = (f"{result['model']} ({result['attention']}) on {result['source']} [{result['split']}], "
+            f"{result['tokens']:,} tokens / {result['bytes']:,} bytes, seq_len {result['seq_len']}:\n"
+            f"  loss {result['loss']:.4f} nats/token   ppl {result['ppl']:.3f}   bpb {bpb}   "
+            f"({result['tokens_per_s']:,.0f} tokens/s)")
+    if logged is not None:
+        text += f"\n  training logged final val_loss {logged:.4f}"
+    return result, text
+
+
+def mode_lm_eval(c: dict, out: Path):
+    from lrkv.evaluation.downstream import report_lm_eval, run_lm_eval
+    from lrkv.evaluation.runs import load_checkpoint
+
+    e = c["lm_eval"]
+    pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
+    results = run_lm_eval(pretrained, e["tasks"], include_path=e["include_path"], include_defaults=e["include_defaults"],
+                          num_fewshot=e["num_fewshot"], limit=e["limit"], batch_size=c["batch_size"] or 8,
+                          device=c["device"], dtype=c["dtype"], max_length=e["max_length"], max_gen_toks=e["max_gen_toks"],
+                          bootstrap_iters=e["bootstrap_iters"], seed=c["seed"], log_samples=e["log_samples"],
+                          gen_kwargs=e["gen_kwargs"], prefix_eos=e["prefix_eos"])
+    return results, report_lm_eval(results, out)
+
+
+def mode_footprint(c: dict, out: Path):
+    from lrkv.evaluation.footprint import footprint_table, report_footprint
+
+    rows = footprint_table(c["models"], context=c["context"], batch_size=c["batch_size"] or 1, dtype=c["cache_dtype"])
+    return rows, report_footprint(rows, out)
+
+
+def mode_compare(c: dict, out: Path):
+    from lrkv.evaluation.compare import compare_runs, report_compare
+
+    cc = c["compare"]
+    result = compare_runs(c["runs"], target=cc["target"], baseline=cc["baseline"], metric=cc["metric"])
+    return result, report_compare(result, out)
+
+
+def mode_diversity(c: dict, out: Path):
+    from lrkv.evaluation.diversity import head_diversity, report_diversity
+    from lrkv.evaluation.runs import expand_runs, find_run_dir, load_checkpoint, read_summary
+
+    paths = expand_runs(c["runs"]) if c["runs"] else [c["ckpt"]]
+    results = {}
+    for path in paths:
+        model = load_checkpoint(path, "cpu", "float32").model
+        run_dir = find_run_dir(path) if path else None
+        name = (read_summary(run_dir).get("name") if run_dir else None) or model.cfg.name
+        while name in results:
+            name += "'"
+        results[name] = {"path": str(path), "attention": model.cfg.attention, "rows": head_diversity(model)}
+    return results, report_diversity(results, out)
+
+
+def mode_generate(c: dict, out: Path):
+    from lrkv.evaluation.report import write_json
+    from lrkv.evaluation.runs import load_checkpoint, parse_dtype
+    from lrkv.evaluation.sample import generate_text, report_samples
+
+    pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
+    prompts = [str(p) for p in c["prompts"]] if c["prompts"] else [str(c["prompt"])]
+    result = generate_text(pretrained, prompts, max_new_tokens=c["max_new_tokens"], temperature=c["temperature"],
+                           top_k=c["top_k"], top_p=c["top_p"], num_samples=c["num_samples"], seed=c["seed"],
+                           cache_dtype=parse_dtype(c["dtype"]))
+    write_json(out / "samples.json", result)
+    return result, report_samples(result)
+
+
+def mode_compress(c: dict, out: Path):
+    # ---- compression hook: lrkv/compress/ (EigenAttention / StiefAttention) is built separately. ----
+    # mode=compress will load c["ckpt"], call the lrkv.compress library with method c["compress"]
+    # (stief | eigen) and its options, and report the loss (mode_loss) at the resulting KV bytes/token.
+    raise ConfigError("mode=compress is not wired into evaluate.py yet; use the lrkv.compress library directly")
+
+
+MODES = {"loss": mode_loss, "lm_eval": mode_lm_eval, "footprint": mode_footprint, "compare": mode_compare,
+         "diversity": mode_diversity, "generate": mode_generate, "compress": mode_compress}
+
+
+def run(cfg: DictConfig | dict, out_dir: str | Path | None = None, echo: bool = True) -> dict:
+    """Run one evaluation mode from a composed config; returns {"mode", "out_dir", "result", "text"}."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c.pop("hydra", None)
+    mode = c.get("mode") or ("loss" if c.get("ckpt") else None)
+    if mode is None:
+        raise ConfigError("nothing to evaluate: pass ckpt=RUN_DIR (held-out loss) or mode=footprint|compare|...")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    out = Path(out_dir or c.get("out_dir") or "outputs/evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    result, text = MODES[mode](c, out)
+    if echo:
+        print(text)
+        print(f"[{mode}] results in {out}")
+    return {"mode": mode, "out_dir": out, "result": result, "text": text}
+
+
+@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg, out_dir)
+    except LrkvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

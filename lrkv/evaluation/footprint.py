@@ -1,0 +1,105 @@
+"""KV-cache footprint of model presets, measured from a real cache (no weights needed).
+
+For every preset the model is built on the meta device (shapes only, no memory), a cache for
+`batch_size` sequences of `context` tokens is allocated on the meta device and filled by a real
+prefill, and the bytes of the cache tensors are summed (`KVCache.nbytes`). The result must equal
+the analytic formula of the attention kind (`ModelConfig.kv_cache_bytes_per_token`, DESIGN.md §2);
+a mismatch raises, so a table that prints is a checked table.
+
+Columns: parameters (total, non-embedding), KV bytes per token (all layers), KV MiB at
+(context, batch), and the ratio to MHA of the same shape (2·H·d_h per token per layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lrkv.config import ModelConfig, list_presets, load_model_config
+from lrkv.errors import ConfigError
+from lrkv.evaluation.report import markdown_table, text_table, write_csv
+from lrkv.evaluation.runs import parse_dtype
+from lrkv.model import Transformer
+
+COLUMNS = ("model", "attention", "params", "non_embedding_params", "kv_bytes_per_token", "analytic_bytes_per_token",
+           "kv_mib", "ratio_to_mha", "context", "batch_size", "dtype")
+FORMATS = {"kv_mib": ".1f", "ratio_to_mha": ".3f", "params": ",", "non_embedding_params": ",",
+           "kv_bytes_per_token": ",", "analytic_bytes_per_token": ","}
+HEADERS = {"non_embedding_params": "non-emb params", "kv_bytes_per_token": "KV B/token",
+           "analytic_bytes_per_token": "analytic B/token", "kv_mib": "KV MiB", "ratio_to_mha": "vs MHA",
+           "batch_size": "batch"}
+
+
+def resolve_model_config(spec: str | ModelConfig) -> ModelConfig:
+    """A preset name (`lrkv_1b`), a pretrained/run folder (reads its model_config.json), or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    path = Path(str(spec)).expanduser()
+    if path.exists():
+        from lrkv.training.checkpoint import find_pretrained_folder, read_model_config
+
+        folder = find_pretrained_folder(path)
+        if folder is None:
+            raise ConfigError(f"{path} has no model_config.json (nor pretrained/); pass a preset name or a pretrained folder")
+        return read_model_config(folder)
+    return load_model_config(str(spec))
+
+
+def mha_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Analytic MHA cache of the same shape: 2·H·d_h elements per token per layer."""
+    return 2 * cfg.n_head * cfg.head_dim * cfg.n_layer * torch.empty((), dtype=dtype).element_size()
+
+
+@torch.no_grad()
+def measure(cfg: ModelConfig, context: int, batch_size: int, dtype: torch.dtype) -> dict:
+    """Build on meta, prefill a real cache of `context` tokens (at most max_seq_len), count its bytes."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    cache = model.new_cache(batch_size, max_len=context, dtype=dtype, device="meta")
+    prefill = min(context, cfg.max_seq_len)
+    model(torch.zeros(batch_size, prefill, dtype=torch.long, device="meta"), cache)
+    per_token = cache.nbytes_per_token()
+    analytic = cfg.kv_cache_bytes_per_token(dtype)
+    if per_token != analytic:
+        raise AssertionError(
+            f"{cfg.name}: measured KV cache {per_token} B/token != analytic {analytic} B/token; "
+            "the attention kind's cache_elements_per_token disagrees with its new_cache"
+        )
+    total = cache.nbytes(filled_only=False)  # allocated for the whole context (all positions, all rows)
+    if total != analytic * context * batch_size:
+        raise AssertionError(f"{cfg.name}: allocated cache {total} B != {analytic} B/token x {context} x {batch_size}")
+    return {
+        "model": cfg.name, "attention": cfg.attention,
+        "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+        "kv_bytes_per_token": int(per_token), "analytic_bytes_per_token": int(analytic),
+        "kv_mib": total / 2**20, "ratio_to_mha": per_token / mha_bytes_per_token(cfg, dtype),
+        "context": context, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def footprint_table(models, context: int = 2048, batch_size: int = 1, dtype: str | torch.dtype = "bfloat16") -> list[dict]:
+    if not models:
+        raise ConfigError(f"no models given: pass models=[mha_1b,lrkv_1b,...]; presets: {', '.join(list_presets())}")
+    if isinstance(models, str):
+        models = [m for m in models.split(",") if m]
+    if not isinstance(context, int) or context < 1:
+        raise ConfigError(f"context must be a positive integer, got {context!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    dtype = parse_dtype(dtype, torch.bfloat16)
+    return [measure(resolve_model_config(m), context, batch_size, dtype) for m in models]
+
+
+def report_footprint(rows: list[dict], out_dir: str | Path | None = None) -> str:
+    """Print-ready table; writes footprint.csv and footprint.md into out_dir."""
+    columns = [c for c in COLUMNS if c not in ("analytic_bytes_per_token", "context", "batch_size", "dtype")]
+    text = text_table(rows, columns, FORMATS, HEADERS)
+    if rows:
+        r = rows[0]
+        text = f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} (measured on meta-device caches == analytic)\n" + text
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_csv(out_dir / "footprint.csv", rows, COLUMNS)
+        (out_dir / "footprint.md").write_text(markdown_table(rows, COLUMNS, FORMATS, HEADERS) + "\n")
+    return text

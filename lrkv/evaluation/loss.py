@@ -1,0 +1,154 @@
+"""Held-out loss: cross-entropy, perplexity and bits-per-byte.
+
+    loss = N / n            N = sum over target tokens of -log p(target) (nats), n = number of targets
+    ppl  = exp(loss)
+    bpb  = N / (ln 2 * B)   B = UTF-8 bytes of the text those targets stand for
+
+Bytes come from the tokenizer's byte-length table (`lrkv.data.token_byte_lengths`): with a
+byte-level BPE every token is a fixed byte string, so B is exactly the byte length of the original
+text and bits-per-byte compares models with different tokenizers. End-of-text tokens (between
+packed documents) are scored like any target and count 0 bytes; this is the same convention as
+the training loop's `val_bpb` (the data loader's per-row "bytes"), so the two agree.
+
+The data are the packed windows of the data pipeline: the run's own data config (from its
+`.hydra/config.yaml`) with any overrides, validation split by default, so the result is the
+run's validation loss measured again on the finished model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lrkv.errors import ConfigError
+
+CORPUS_FIELDS = ("source", "name", "split", "val_split", "val_fraction", "split_seed", "text_field",
+                 "txt_unit", "streaming", "max_documents")
+
+
+@dataclass
+class LossResult:
+    loss: float  # mean cross-entropy per target token, nats
+    ppl: float
+    bpb: float | None  # None when the targets cover no bytes
+    tokens: int  # target tokens scored
+    bytes: int  # UTF-8 bytes those targets stand for
+    nats: float  # total cross-entropy, nats
+    batches: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches: Iterable[dict], token_bytes: torch.Tensor | None = None,
+                     device: str | torch.device | None = None) -> LossResult:
+    """Sum cross-entropy (float64 accumulation) and bytes over batches {"input", "target"[, "bytes"]}.
+
+    Targets < 0 are ignored. Bytes come from the batch's "bytes" when present (rows' totals from the
+    data loader), else from `token_bytes[target]`.
+    """
+    device = device or next(model.parameters()).device
+    nats, tokens, nbytes, n_batches = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for batch in batches:
+        inputs, targets = batch["input"].to(device), batch["target"].to(device)
+        logits = model(inputs)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
+        valid = targets.flatten() >= 0
+        nats += nll[valid].double().sum().item()
+        tokens += int(valid.sum())
+        if "bytes" in batch and bool((targets >= 0).all()):
+            nbytes += int(batch["bytes"].sum())
+        elif token_bytes is not None:
+            nbytes += int(token_bytes.to(targets.device)[targets[targets >= 0]].sum())
+        n_batches += 1
+    if tokens == 0:
+        raise ConfigError("no target tokens to evaluate: the data gave no full window (lower seq_len or add data)")
+    loss = nats / tokens
+    bpb = nats / (math.log(2) * nbytes) if nbytes else None
+    return LossResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=tokens, bytes=nbytes,
+                      nats=nats, batches=n_batches, seconds=time.perf_counter() - start)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def flatten_data_config(data_cfg: dict | None) -> dict:
+    """The data config's leaves, one level of nesting flattened (e.g. data.corpus.source -> source).
+
+    Keys at the top level win over nested ones; `_target_` and the like are dropped.
+    """
+    flat: dict = {}
+    for key, value in (data_cfg or {}).items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                if not isinstance(v, dict):
+                    flat.setdefault(sub, v)
+    for key, value in (data_cfg or {}).items():
+        if not isinstance(value, dict) and not str(key).startswith("_"):
+            flat[key] = value
+    return flat
+
+
+def heldout_batches(data_cfg: dict | None, tokenizer, *, split: str = "val", seq_len: int | None = None,
+                    batch_size: int | None = None, max_batches: int | None = None, max_tokens: int | None = None,
+                    default_seq_len: int = 256):
+    """Packed windows of one split ("val" or "train"), in a fixed order, as the training validation
+    loader makes them (one rank), tokenized with the model's own tokenizer.
+
+    Returns (BatchLoader, settings dict). `data_cfg` keys (flattened, see `flatten_data_config`): the
+    CorpusSpec fields (source, val_fraction, split_seed, ...), seq_len, batch_size/val_batch_size,
+    val_batches, max_tokens/val_max_tokens. Explicit arguments override them.
+    """
+    from lrkv.data import BatchLoader, CorpusSpec, InMemoryTokens, iter_documents, token_byte_lengths
+
+    if split not in ("val", "train"):
+        raise ConfigError(f"loss.split={split!r} is unknown; use val or train")
+    flat = flatten_data_config(data_cfg)
+    spec_args = {k: flat[k] for k in CORPUS_FIELDS if flat.get(k) is not None}
+    spec_args.setdefault("source", "embedded")
+    try:
+        spec = CorpusSpec(**spec_args)
+    except TypeError as e:
+        raise ConfigError(f"data config does not fit CorpusSpec: {e}") from None
+    seq_len = int(seq_len or flat.get("seq_len") or default_seq_len)
+    if split == "val":
+        batch_size = batch_size or flat.get("val_batch_size") or flat.get("batch_size") or 8
+        max_batches = max_batches if max_batches is not None else flat.get("val_batches")
+        max_tokens = max_tokens if max_tokens is not None else flat.get("val_max_tokens")
+    else:
+        batch_size = batch_size or flat.get("batch_size") or 8
+        max_tokens = max_tokens if max_tokens is not None else flat.get("max_tokens")
+    token_bytes = token_byte_lengths(tokenizer)
+    source = InMemoryTokens.from_texts(iter_documents(spec, split), tokenizer, max_tokens=max_tokens)
+    loader = BatchLoader(source, seq_len=seq_len, batch_size=int(batch_size), shuffle=False, infinite=False,
+                         token_bytes=token_bytes, max_batches=max_batches)
+    settings = {"source": spec.source, "split": split, "seq_len": seq_len, "batch_size": int(batch_size),
+                "max_batches": max_batches, "max_tokens": max_tokens, "val_fraction": spec.val_fraction,
+                "split_seed": spec.split_seed, "stream_tokens": source.num_tokens(),
+                "windows": loader.epoch_windows(0)}
+    return loader, settings
+
+
+def evaluate_checkpoint_loss(pretrained, data_cfg: dict | None, *, split: str = "val", seq_len: int | None = None,
+                             batch_size: int | None = None, max_batches: int | None = None,
+                             max_tokens: int | None = None) -> dict:
+    """Loss, perplexity and bits-per-byte of a loaded checkpoint on a held-out split. Returns a flat dict."""
+    from lrkv.data import token_byte_lengths
+    from lrkv.evaluation.runs import require_tokenizer
+
+    tokenizer = require_tokenizer(pretrained, "bits-per-byte")
+    model = pretrained.model
+    seq_len = seq_len or flatten_data_config(data_cfg).get("seq_len") or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; lower loss.seq_len")
+    loader, settings = heldout_batches(data_cfg, tokenizer, split=split, seq_len=seq_len, batch_size=batch_size,
+                                       max_batches=max_batches, max_tokens=max_tokens,
+                                       default_seq_len=model.cfg.max_seq_len)
+    result = evaluate_batches(model, loader, token_byte_lengths(tokenizer))
+    return {**settings, **result.to_dict(), "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
