@@ -18,3 +18,11 @@ class DataError(LrkvError):
 
 class CheckpointError(LrkvError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class TrainingInterrupted(LrkvError):
+    """SIGTERM or Ctrl-C stopped training after saving a checkpoint."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name

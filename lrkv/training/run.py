@@ -1,0 +1,286 @@
+"""One training run from a plain config dict (what train.py gets from Hydra).
+
+    summary = train(cfg, run_dir)
+
+Steps: data module (tokenizer first, so the vocabulary can follow it) -> model config -> global
+batch arithmetic (gradient accumulation so that the global batch is `train.batch_tokens`) ->
+Trainer (single device, DDP or FSDP2) with our callbacks -> fit (resuming from `ckpt_path`) ->
+export `pretrained/`, `summary.json`, `loss.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lrkv.config import ModelConfig
+from lrkv.data.datamodule import LMDataModule
+from lrkv.data.tokenizer import padded_vocab_size
+from lrkv.errors import CheckpointError, ConfigError
+from lrkv.model import Transformer
+from lrkv.training.checkpoint import save_pretrained
+from lrkv.training.checkpointing import (
+    AtomicCheckpointIO,
+    AtomicModelParallelStrategy,
+    GracefulStop,
+    PeriodicCheckpoint,
+    resolve_last,
+)
+from lrkv.training.module import LanguageModel
+from lrkv.training.monitor import TrainMonitor, plot_losses, read_metrics, write_summary
+
+
+def measured_kv_bytes_per_token(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
+    """KV-cache bytes per token from a real cache after a prefill (meta device: no memory), checked against the formula."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    cache = model.new_cache(1, 4, dtype=dtype, device="meta")
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long, device="meta"), cache)
+    measured = cache.nbytes_per_token()
+    analytic = cfg.kv_cache_bytes_per_token(dtype)
+    if measured != analytic:
+        raise RuntimeError(f"KV cache of {cfg.name}: measured {measured} B/token != analytic {analytic}")
+    return int(measured)
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+def make_datamodule(cfg: dict) -> LMDataModule:
+    data, tok = dict(cfg["data"]), dict(cfg.get("tokenizer") or {})
+    tokenizer = tok.get("path") or "bpe"
+    if tok.get("kind", "bpe") != "bpe" and not tok.get("path"):
+        raise ConfigError(f"tokenizer={tok.get('kind')} needs tokenizer.path=DIR_OR_FILE (tokenizer.json or vocab.json + merges.txt)")
+    return LMDataModule(**data, tokenizer=tokenizer, vocab_size=int(tok.get("vocab_size", 4096)),
+                        tokenizer_max_chars=tok.get("max_chars"), seed=int(cfg["seed"]))
+
+
+def world_size_of(trainer_cfg: dict) -> int:
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") != "cpu" and torch.cuda.is_available() else 1
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    return int(devices) * nodes
+
+
+def batch_plan(train_cfg: dict, micro_batch: int, seq_len: int, world: int) -> tuple[int, int, int]:
+    """(gradient accumulation, global tokens per optimizer step, optimizer steps)."""
+    micro_tokens = micro_batch * seq_len * world
+    batch_tokens = train_cfg.get("batch_tokens") or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise ConfigError(
+            f"train.batch_tokens={batch_tokens} is not a multiple of data.batch_size x data.seq_len x devices = "
+            f"{micro_batch} x {seq_len} x {world} = {micro_tokens}; set train.batch_tokens to a multiple of {micro_tokens}"
+        )
+    accumulate = batch_tokens // micro_tokens
+    if train_cfg.get("max_tokens"):
+        steps = -(-int(train_cfg["max_tokens"]) // batch_tokens)
+    elif train_cfg.get("max_steps"):
+        steps = int(train_cfg["max_steps"])
+    else:
+        raise ConfigError("set train.max_steps or train.max_tokens (the training budget)")
+    return accumulate, batch_tokens, steps
+
+
+def make_strategy(trainer_cfg: dict, world: int):
+    name = trainer_cfg.get("strategy", "auto")
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    if name == "fsdp":
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError("trainer=fsdp needs CUDA GPUs and none is visible; use trainer=cpu_fsdp to try FSDP on CPU")
+        return AtomicModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1), []
+    if name in ("auto", "ddp"):
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer=cpu")
+        return name, [AtomicCheckpointIO()]
+    raise ConfigError(f"trainer.strategy={name!r} is unknown; use auto, ddp or fsdp")
+
+
+def resolve_precision(trainer_cfg: dict) -> tuple[str, str | None]:
+    """Lightning precision and the FSDP parameter dtype for `trainer.precision` (auto: bf16 on CUDA, fp32 on CPU)."""
+    precision = str(trainer_cfg.get("precision", "auto"))
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    on_gpu = accelerator not in ("cpu",) and torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16-mixed" if on_gpu else "32-true"
+    if trainer_cfg.get("strategy") == "fsdp" and precision == "bf16-mixed":
+        return "32-true", "bf16"  # FSDP2 MixedPrecisionPolicy: bf16 compute, fp32 master weights and reductions
+    return precision, None
+
+
+def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        last = resolve_last(run_dir / "checkpoints")
+        if last is None:
+            print(f"ckpt_path=last: no checkpoint in {run_dir / 'checkpoints'} yet, starting from scratch")
+        return last
+    path = Path(ckpt_path)
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
+        last = resolve_last(path / "checkpoints")
+        if last is None:
+            raise CheckpointError(f"run folder {path} has no checkpoint in checkpoints/; pass a checkpoint file or start without ckpt_path")
+        return last
+    if not path.exists():
+        raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; use ckpt_path=last, a run folder or a .ckpt path")
+    return path
+
+
+def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
+    """Refuse, in one line, a checkpoint trained with another model shape."""
+    meta = path / "meta.pt" if path.is_dir() else path
+    try:
+        ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); resume from an earlier one") from None
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    if not saved:
+        return
+    ours = model_cfg.to_dict()
+    different = [k for k in ours if k in saved and saved[k] != ours[k] and k != "name"]
+    if different:
+        k = different[0]
+        raise CheckpointError(
+            f"checkpoint {path} was trained with model.{k}={saved[k]!r}, this run has {ours[k]!r}; "
+            f"resume with the same model config (model={saved.get('name')})"
+        )
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, loggers: list | None = None) -> dict:
+    run_dir = Path(run_dir)
+    train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
+    L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
+
+    datamodule = make_datamodule(cfg)
+    tokenizer = datamodule.load_tokenizer()
+    model_fields = dict(cfg["model"])
+    if train_cfg.get("vocab_from_tokenizer", True):
+        model_fields["vocab_size"] = padded_vocab_size(tokenizer.vocab_size)
+    elif model_fields.get("vocab_size", 0) < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_fields.get('vocab_size')} < tokenizer vocabulary {tokenizer.vocab_size}; raise it or set train.vocab_from_tokenizer=true")
+    model_cfg = ModelConfig.from_dict(model_fields)
+    seq_len = int(datamodule.hparams.seq_len)
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len")
+
+    world = world_size_of(trainer_cfg)
+    accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
+    strategy, plugins = make_strategy(trainer_cfg, world)
+    precision, fsdp_dtype = resolve_precision(trainer_cfg)
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
+    if ckpt is not None:
+        check_checkpoint_model(ckpt, model_cfg)
+
+    module = LanguageModel(model=model_cfg.to_dict(), optim=dict(cfg["optim"]), total_steps=total_steps,
+                           seed=int(cfg["seed"]), compile=bool(train_cfg.get("compile", False)),
+                           activation_checkpointing=bool(train_cfg.get("activation_checkpointing", False)),
+                           fsdp_param_dtype=fsdp_dtype)
+    with torch.device("meta"):
+        shadow = Transformer(model_cfg)
+    params = shadow.num_params()
+    kv_bytes = measured_kv_bytes_per_token(model_cfg)
+    checkpoint = PeriodicCheckpoint(run_dir / "checkpoints", every_n_steps=int(train_cfg.get("ckpt_every", 0) or 0),
+                                    keep=int(train_cfg.get("keep_checkpoints", 2)))
+    monitor = TrainMonitor(run_dir, log_every=int(train_cfg.get("log_every", 10)), tokens_per_step=batch_tokens,
+                           flops_per_token=shadow.flops_per_token(seq_len), kv_bytes_per_token=kv_bytes, params=params,
+                           peak_flops=train_cfg.get("peak_flops"), resume=ckpt is not None)
+    val_every = int(train_cfg.get("val_every", 0) or 0)
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=trainer_cfg.get("devices", 1),
+        num_nodes=int(trainer_cfg.get("num_nodes", 1)),
+        strategy=strategy,
+        plugins=plugins or None,
+        precision=precision,
+        max_steps=total_steps,
+        accumulate_grad_batches=accumulate,
+        val_check_interval=val_every * accumulate if val_every else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if val_every else 0,
+        num_sanity_val_steps=0,
+        logger=loggers or False,
+        callbacks=[monitor, checkpoint, GracefulStop(checkpoint), *(extra_callbacks or [])],  # log, save, then stop
+        enable_checkpointing=False,
+        enable_progress_bar=bool(train_cfg.get("progress_bar", True)),
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        deterministic=bool(trainer_cfg.get("deterministic", False)),
+        use_distributed_sampler=False,
+    )
+    if trainer.world_size != world:
+        raise ConfigError(f"trainer runs {trainer.world_size} processes, expected {world}; set trainer.devices explicitly")
+    if trainer.is_global_zero:
+        print(f"run {run_dir}: model {model_cfg.name} ({model_cfg.attention}), {params / 1e6:.2f}M params, "
+              f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
+              f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    wall = time.perf_counter() - start
+
+    state = full_state_dict(module.model, trainer)
+    summary = None
+    if trainer.is_global_zero:
+        save_pretrained(module.model, run_dir / "pretrained", tokenizer, state_dict=state)
+        rows = read_metrics(run_dir / "metrics.csv")
+        plot_losses(rows, run_dir / "loss.png", f"{model_cfg.name} ({model_cfg.attention})")
+        summary = make_summary(cfg, model_cfg, rows, params, shadow.num_params(non_embedding=True), kv_bytes,
+                               trainer.global_step, batch_tokens, wall)
+        write_summary(run_dir, summary)
+        print_summary(summary, run_dir)
+    trainer.strategy.barrier()
+    return summary
+
+
+def full_state_dict(model: Transformer, trainer) -> dict | None:
+    """The whole model's weights on rank 0 (gathered from FSDP shards when sharded)."""
+    if isinstance(trainer.strategy, AtomicModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def last_value(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def make_summary(cfg, model_cfg, rows, params, non_embedding, kv_bytes, steps, batch_tokens, wall) -> dict:
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return {
+        "name": cfg.get("run_name"),
+        "model": model_cfg.name,
+        "attention": model_cfg.attention,
+        "params": params,
+        "non_embedding_params": non_embedding,
+        "kv_bytes_per_token": kv_bytes,
+        "steps": steps,
+        "tokens": steps * batch_tokens,
+        "final_train_loss": last_value(rows, "train_loss"),
+        "final_val_loss": last_value(rows, "val_loss"),
+        "final_val_bpb": last_value(rows, "val_bpb"),
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "wall_time_s": wall,
+        "model_config": model_cfg.to_dict(),
+    }
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    keys = ["model", "attention", "params", "kv_bytes_per_token", "steps", "tokens", "final_train_loss",
+            "final_val_loss", "final_val_bpb", "tokens_per_s", "wall_time_s"]
+    print("\n" + "\n".join(f"  {k:<20} {fmt(summary[k])}" for k in keys))
+    print(f"  outputs: {run_dir} (metrics.csv, loss.png, summary.json, pretrained/, checkpoints/)")
+
+
+def dump_config(cfg: dict, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))

@@ -1,0 +1,153 @@
+"""Training: every kind trains, exact resume, FSDP == single process, checkpoints, logging, errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import (
+    compose_train,
+    read_rows,
+    run_script,
+    tiny_overrides,
+    train_in_process,
+    train_losses,
+    val_losses,
+)
+
+from lrkv.errors import CheckpointError, ConfigError, LrkvError, TrainingInterrupted
+from lrkv.training.checkpoint import load_pretrained
+from lrkv.training.monitor import COLUMNS
+
+KINDS = ["mha", "gqa", "mqa", "mla", "lrkv"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_trains_and_exports(kind, tmp_path, cache_dir):
+    steps = 12
+    overrides = tiny_overrides(tmp_path, cache_dir, model=f"{kind}_tiny", steps=steps, **{"train.val_every": 6, "train.ckpt_every": 6})
+    run_dir = tmp_path / "run"
+    summary = train_in_process(overrides, run_dir)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert all(math.isfinite(v) for v in losses.values())
+    assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3])  # loss falls
+    assert set(val_losses(run_dir)) == {6, 12}
+    header = list(read_rows(run_dir / "metrics.csv")[0])
+    assert header == COLUMNS
+    assert summary["attention"] == kind and summary["steps"] == steps and summary["tokens"] == steps * 512
+    assert summary["kv_bytes_per_token"] == compose_cfg_kv_bytes(overrides)
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+    # the exported model reproduces the validation loss it was logged with
+    pretrained = load_pretrained(run_dir)
+    assert pretrained.model.cfg.attention == kind and pretrained.tokenizer is not None
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")) == ["step-00000006.ckpt", "step-00000012.ckpt"]
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "step-00000012.ckpt"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code needed
+    assert ckpt["global_step"] == steps and "LMDataModule" in ckpt
+
+
+def compose_cfg_kv_bytes(overrides):
+    from lrkv import ModelConfig
+
+    cfg = compose_train(overrides)
+    model = dict(cfg["model"], vocab_size=512)
+    return ModelConfig.from_dict(model).kv_cache_bytes_per_token(torch.bfloat16)
+
+
+class StopAt:
+    """Simulate an interruption: request a graceful stop (as SIGTERM does) at a given step."""
+
+    def __new__(cls, step):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == step:
+                    for cb in trainer.callbacks:
+                        if type(cb).__name__ == "GracefulStop":
+                            cb.requested = "SIGTERM"
+
+        return _Stop()
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, cache_dir):
+    steps = 10
+    extra = {"train.ckpt_every": 4, "train.val_every": 5, "data.batch_size": 2, "train.batch_tokens": 256}  # accumulation 2
+    full = tmp_path / "full"
+    train_in_process(tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=steps, **extra), full)
+    part = tmp_path / "part"
+    overrides = tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=steps, **extra)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 7: checkpoint saved"):
+        train_in_process(overrides, part, callbacks=[StopAt(6)])  # a "SIGTERM" during step 7: saves and stops after it
+    assert max(train_losses(part)) == 7
+    assert (part / "checkpoints" / "last.ckpt").resolve().name == "step-00000007.ckpt"
+    train_in_process(overrides + ["ckpt_path=last"], part)
+    expected, resumed = train_losses(full), train_losses(part)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert val_losses(part) == pytest.approx(val_losses(full), abs=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, cache_dir):
+    import lightning as L
+
+    class PoisonAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.model.embed.weight.fill_(float("nan"))
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(LrkvError, match="training loss is nan at step 4"):
+        train_in_process(tiny_overrides(tmp_path, cache_dir, steps=8), run_dir, callbacks=[PoisonAt()])
+    good = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert good["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+
+
+def test_batch_not_divisible_is_a_clear_error(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="train.batch_tokens=1000 is not a multiple of"):
+        train_in_process(tiny_overrides(tmp_path, cache_dir, **{"train.batch_tokens": 1000}), tmp_path / "run")
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    train_in_process(tiny_overrides(tmp_path, cache_dir, steps=3), run_dir)
+    overrides = tiny_overrides(tmp_path, cache_dir, steps=6, **{"model.n_layer": 3}) + ["ckpt_path=last"]
+    with pytest.raises(CheckpointError, match="model.n_layer=2.*this run has 3"):
+        train_in_process(overrides, run_dir)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, cache_dir):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        train_in_process(tiny_overrides(tmp_path, cache_dir) + [f"ckpt_path={bad}"], tmp_path / "run")
+
+
+def test_cli_errors_are_one_line(tmp_path, cache_dir):
+    base = tiny_overrides(tmp_path, cache_dir)
+    cases = [  # (arguments replacing the same keys in base, keys dropped from base, expected text)
+        (["model=lrkv_9b"], [], "unknown model 'lrkv_9b'"),
+        (["train.max_stepz=3"], [], "train.max_stepz"),
+        (["data=local"], ["data.source"], "missing required value data.source"),
+        (["data=local", "data.source=/no/such/corpus.jsonl"], [], "/no/such/corpus.jsonl"),
+        (["trainer=fsdp"], [], "trainer=fsdp needs CUDA GPUs"),
+        (["data=fineweb_edu"], ["data.source"], "HuggingFaceFW/fineweb-edu"),
+    ]
+    for extra, drop, expected in cases:
+        keys = {a.split("=")[0] for a in extra} | set(drop)
+        args = [a for a in base if a.split("=")[0] not in keys] + extra
+        result = run_script(args, tmp_path, timeout=120)
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and expected in last, (extra, last)
