@@ -68,7 +68,7 @@ def mode_lm_eval(c: dict, out: Path):
 
     e = c["lm_eval"]
     pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
-    results = run_lm_eval(pretrained, e["tasks"], include_path=e["include_path"], include_defaults=e["include_defaults"],
+    results = run_lm_eval(pretrained, e["tasks"] or e["default_tasks"], include_path=e["include_path"], include_defaults=e["include_defaults"],
                           num_fewshot=e["num_fewshot"], limit=e["limit"], batch_size=c["batch_size"] or 8,
                           device=c["device"], dtype=c["dtype"], max_length=e["max_length"], max_gen_toks=e["max_gen_toks"],
                           bootstrap_iters=e["bootstrap_iters"], seed=c["seed"], log_samples=e["log_samples"],
@@ -113,7 +113,7 @@ def mode_generate(c: dict, out: Path):
     from lrkv.evaluation.sample import generate_text, report_samples
 
     pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
-    prompts = [str(p) for p in c["prompts"]] if c["prompts"] else [str(c["prompt"])]
+    prompts = [str(p) for p in c["prompts"]] if c["prompts"] else [str(c["prompt"] or "")]
     result = generate_text(pretrained, prompts, max_new_tokens=c["max_new_tokens"], temperature=c["temperature"],
                            top_k=c["top_k"], top_p=c["top_p"], num_samples=c["num_samples"], seed=c["seed"],
                            cache_dtype=parse_dtype(c["dtype"]))
@@ -132,11 +132,22 @@ MODES = {"loss": mode_loss, "lm_eval": mode_lm_eval, "footprint": mode_footprint
          "diversity": mode_diversity, "generate": mode_generate, "compress": mode_compress}
 
 
+def infer_mode(c: dict) -> str | None:
+    """mode=null: a checkpoint with lm_eval.tasks -> lm_eval, with a prompt -> generate, alone -> loss; runs -> compare."""
+    if c.get("ckpt"):
+        if (c.get("lm_eval") or {}).get("tasks"):
+            return "lm_eval"
+        if c.get("prompt") is not None or c.get("prompts"):
+            return "generate"
+        return "loss"
+    return "compare" if c.get("runs") else None
+
+
 def run(cfg: DictConfig | dict, out_dir: str | Path | None = None, echo: bool = True) -> dict:
     """Run one evaluation mode from a composed config; returns {"mode", "out_dir", "result", "text"}."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     c.pop("hydra", None)
-    mode = c.get("mode") or ("loss" if c.get("ckpt") else None)
+    mode = c.get("mode") or infer_mode(c)
     if mode is None:
         raise ConfigError("nothing to evaluate: pass ckpt=RUN_DIR (held-out loss) or mode=footprint|compare|...")
     if mode not in MODES:

@@ -38,6 +38,15 @@ def _load_entry():
 entry = _load_entry()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a busy 2-core machine two threads are ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def evaluate(out_dir, *overrides):
     """Compose configs/evaluate.yaml with overrides (as on the command line) and run the mode in-process."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -180,9 +189,10 @@ def test_compare_mode_writes_table_and_plots(runs, tmp_path):
     assert (tmp_path / "loss_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "compare.md").read_text()
     assert f"target val_loss = {result['target']:.4f}" in md and "| lrkv-tiny |" in md
-    # a list of run folders gives the same runs
-    listed = evaluate(tmp_path / "list", "mode=compare", f"runs=[{runs['lrkv']},{runs['mha']}]",
+    # a list of run folders gives the same runs (runs without a checkpoint select mode compare)
+    listed = evaluate(tmp_path / "list", f"runs=[{runs['lrkv']},{runs['mha']}]",
                       "compare.target=4.0")
+    assert listed["mode"] == "compare"
     assert [r["steps_to_target"] for r in listed["result"]["runs"]] == [120, 120]
 
 
@@ -288,9 +298,15 @@ def test_generate_mode(runs, tmp_path):
     assert sample["completions"] == [p.tokenizer.decode(ref)] * 2  # greedy: both samples equal
     assert out["result"]["tokens_per_s"] > 0 and "tokens/s" in out["text"]
     assert json.loads((tmp_path / "samples.json").read_text())["samples"][0]["prompt"] == "The for statement"
-    sampled = evaluate(tmp_path / "s", "mode=generate", f"ckpt={runs['lrkv']}", "prompts=[A,B]", "temperature=1.0",
+    sampled = evaluate(tmp_path / "s", f"ckpt={runs['lrkv']}", "prompts=[A,B]", "temperature=1.0",
                        "top_k=20", "top_p=0.9", "max_new_tokens=8", "seed=1")
-    assert len(sampled["result"]["samples"]) == 2
+    assert sampled["mode"] == "generate" and len(sampled["result"]["samples"]) == 2  # prompts select the mode
+    again = evaluate(tmp_path / "s2", f"ckpt={runs['lrkv']}", "prompts=[A,B]", "temperature=1.0",
+                     "top_k=20", "top_p=0.9", "max_new_tokens=8", "seed=1")
+    completions = [[s["completions"] for s in r["result"]["samples"]] for r in (sampled, again)]
+    assert completions[0] == completions[1]  # seeded sampling repeats
+    unconditional = evaluate(tmp_path / "u", "mode=generate", f"ckpt={runs['mha']}", "max_new_tokens=8")
+    assert unconditional["result"]["samples"][0]["prompt_tokens"] == 1  # just <|endoftext|>
 
 
 # ---- errors ------------------------------------------------------------------------------------------------

@@ -99,8 +99,7 @@ def generate_text(pretrained, prompts: list[str], *, max_new_tokens: int = 64, t
     generator = torch.Generator(device=device).manual_seed(int(seed))
     results, new_tokens, seconds = [], 0, 0.0
     for prompt in prompts:
-        ids = tok.encode(prompt) or [tok.eos_id]  # an empty prompt starts a new document
-        ids = [tok.eos_id] + ids if ids[0] != tok.eos_id else ids  # documents follow an end-of-text in training
+        ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an end-of-text in training; "" = unconditional
         budget = model.cfg.max_seq_len - max_new_tokens
         if budget < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}")
