@@ -57,6 +57,15 @@ def check_budget(budget) -> float:
     return float(budget)
 
 
+def check_feasible(budget: float, ranks: list[int], head_dim: int, n_layer: int) -> None:
+    """ConfigError unless every component at the smallest grid rank fits the budget."""
+    if 2 * n_layer * ranks[0] > math.floor(budget * 2 * n_layer * head_dim + 1e-9):
+        raise ConfigError(
+            f"compress.budget={budget} is below the smallest allocation the rank grid allows "
+            f"({ranks[0]}/{head_dim} = {ranks[0] / head_dim:.3f} of the cache); add smaller compress.rank_fractions or raise the budget"
+        )
+
+
 def rank_grid(head_dim: int, fractions) -> list[int]:
     """Candidate ranks round(f d_h) for f in fractions, plus full rank d_h; sorted, unique."""
     fractions = list(fractions)
@@ -97,11 +106,7 @@ def allocate_ranks(profiles: dict, budget: float, method: str = "pareto", weight
     capacity = math.floor(budget * total + 1e-9)
     if ranks[-1] < dh:  # full rank always allowed, error 0
         ranks, errors = ranks + [dh], [e + [0.0] for e in errors]
-    if 2 * n_layer * ranks[0] > capacity:
-        raise ConfigError(
-            f"compress.budget={budget} is below the smallest allocation the rank grid allows "
-            f"({ranks[0]}/{dh} = {ranks[0] / dh:.3f} of the cache); add smaller compress.rank_fractions or raise the budget"
-        )
+    check_feasible(budget, ranks, dh, n_layer)
     if method == "pareto":
         w = weights if weights is not None else layer_weights(n_layer, **pareto)
         if len(w) != n_layer:

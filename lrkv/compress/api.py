@@ -17,6 +17,7 @@ the profiles, reported layer errors and losses are measured on the held-out ones
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from lrkv.errors import ConfigError
 from lrkv.training.checkpoint import atomic_write_text, save_pretrained
 
-from .allocate import ALLOCATORS, allocate_ranks, check_budget, rank_grid
+from .allocate import ALLOCATORS, allocate_ranks, check_budget, check_feasible, rank_grid
 from .build import build_compressed
 from .calibration import Calibration, calibrate, calibration_batches
 from .eigen import EigenOptions, eigen_bases, threshold_search
@@ -74,11 +75,15 @@ class CompressConfig:
                 check_budget(cfg.budget)
         if not 0 < cfg.eval_fraction < 1:
             raise ConfigError(f"compress.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
-        for name, sub, options_cls in (("stief", cfg.stief, StiefOptions), ("eigen", cfg.eigen, EigenOptions)):
-            names = {f.name for f in dataclasses.fields(options_cls)}
+        calib_names = set(inspect.signature(calibration_batches).parameters) - {"tokenizer"}
+        for name, sub, names in (("stief", cfg.stief, {f.name for f in dataclasses.fields(StiefOptions)}),
+                                 ("eigen", cfg.eigen, {f.name for f in dataclasses.fields(EigenOptions)}),
+                                 ("pareto", cfg.pareto, {"early", "late", "edge_fraction"}),
+                                 ("calib", cfg.calib, calib_names)):
             bad = sorted(set(sub or {}) - names)
             if bad:
                 raise ConfigError(f"unknown option compress.{name}.{bad[0]}; known: {', '.join(sorted(names))}")
+        StiefOptions(**(cfg.stief or {})), EigenOptions(**(cfg.eigen or {}))  # their own range checks, before any work
         return cfg
 
     @property
@@ -117,16 +122,19 @@ def compress_model(model, calib_batches=None, *, tokenizer=None, out_dir: str | 
         k_fixed = fixed_ranks(cfg.k_ranks, "k_ranks", n_layer, dh)
         v_fixed = fixed_ranks(cfg.v_ranks, "v_ranks", n_layer, dh)
     grid = rank_grid(dh, cfg.rank_fractions)
+    if cfg.mode == "allocate":
+        check_feasible(cfg.budget, grid, dh, n_layer)
     if calib_batches is None:
         if tokenizer is None:
             raise ConfigError("compress_model needs calibration batches or a tokenizer to build them (compress.calib)")
-        calib_batches = calibration_batches(tokenizer, **{"seq_len": mcfg.max_seq_len, **cfg.calib})
+        given = {k: v for k, v in (cfg.calib or {}).items() if v is not None}
+        calib_batches = calibration_batches(tokenizer, **{"seq_len": mcfg.max_seq_len, **given})
     calib = calibrate(model, calib_batches, cfg.max_tokens, cfg.chunk_rows)
     n = calib.num_sequences
     n_eval = max(1, round(cfg.eval_fraction * n))
     if n - n_eval < (3 if cfg.method == "stief" else 1):
         raise ConfigError(f"{n} calibration sequences are too few to hold out {n_eval}; raise compress.calib.n_seqs or max_tokens")
-    stief_opts, eigen_opts = StiefOptions(**cfg.stief), EigenOptions(**cfg.eigen)
+    stief_opts, eigen_opts = StiefOptions(**(cfg.stief or {})), EigenOptions(**(cfg.eigen or {}))
 
     all_bases, profile_layers, searches, fit_info = [], [], [], []
     for layer, x, y in calib.layers():
@@ -154,7 +162,7 @@ def compress_model(model, calib_batches=None, *, tokenizer=None, out_dir: str | 
     elif cfg.mode == "threshold":
         k_ranks, v_ranks = [s["k_rank"] for s in searches], [s["v_rank"] for s in searches]
     else:
-        allocation = allocate_ranks(profiles, cfg.budget, cfg.allocator, **cfg.pareto)
+        allocation = allocate_ranks(profiles, cfg.budget, cfg.allocator, **(cfg.pareto or {}))
         k_ranks, v_ranks = allocation.k_ranks, allocation.v_ranks
     kv_ratio = (sum(k_ranks) + sum(v_ranks)) / (2 * n_layer * dh)
     meta = {"method": cfg.method, "source": mcfg.name, "kv_ratio": kv_ratio}
