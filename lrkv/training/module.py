@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import lightning as L
 import torch
@@ -19,6 +20,9 @@ from lrkv.config import ModelConfig
 from lrkv.errors import LrkvError
 from lrkv.model import Transformer, seeded
 from lrkv.training.optim import build_optimizer, lr_factor
+
+# validation metrics are summed over ranks by hand below before they are logged
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 def build_model(cfg: ModelConfig, seed: int, *, mesh=None, compile: bool = False, activation_checkpointing: bool = False,
@@ -67,6 +71,8 @@ class LanguageModel(L.LightningModule):
         if self.model is not None:
             return
         mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel): shard over data_parallel
+            mesh = mesh["data_parallel"]
         hp = self.hparams
         dtype = {"bf16": torch.bfloat16, "fp32": None, None: None}[hp.fsdp_param_dtype]
         self.model = build_model(self.model_cfg, hp.seed, mesh=mesh, compile=hp.compile,
