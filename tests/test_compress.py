@@ -23,6 +23,8 @@ from lrkv.compress import (
     calibrate,
     calibration_batches,
     compress_model,
+    compress_sweep,
+    fit_compression,
     layer_weights,
     load_hf_llama,
     projected_block,
@@ -119,8 +121,8 @@ def runs(trained):
     model, rows, _, _ = trained
     out = {}
     for method in ("eigen", "stief"):
-        out[method] = compress_model(model, [rows], method=method, budget=0.6, allocator="pareto",
-                                     rank_fractions=FRACTIONS, stief=STIEF)
+        fit = fit_compression(model, [rows], method=method, budget=0.6, allocator="pareto", rank_fractions=FRACTIONS, stief=STIEF)
+        out[method] = (*fit.compress(), fit)
     return out
 
 
@@ -295,7 +297,7 @@ def test_stief_from_a_random_start_learns_a_good_basis(trained):
 
 def test_compress_model_report_and_budget(runs, trained):
     model, _, held, _ = trained
-    for method, (compressed, report) in runs.items():
+    for method, (compressed, report, _) in runs.items():
         assert report["kv_ratio"] <= 0.6 and report["kv_ratio"] == compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token()
         assert compressed.cfg.attn_options["method"] == method and compressed.cfg.attn_options["budget"] == 0.6
         with torch.no_grad():
@@ -303,6 +305,26 @@ def test_compress_model_report_and_budget(runs, trained):
         print(f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), ranks k {report['k_ranks']} v {report['v_ranks']}")
         assert float(source) <= float(ours) < float(source) + 0.2
         assert report["held_out_loss"]["compressed"] >= report["held_out_loss"]["source"] - 1e-3
+
+
+def test_one_fit_serves_every_budget_and_a_sweep_saves_models(runs, trained, tmp_path):
+    model, rows, held, tok = trained
+    fit = runs["stief"][2]
+    for budget in (0.3, 0.5, 0.8, 1.0):
+        for allocator in ("pareto", "sequential"):
+            compressed, report = fit.compress(budget=budget, allocator=allocator)
+            expected = allocate_ranks(fit.profiles, budget, allocator)
+            assert (report["k_ranks"], report["v_ranks"]) == (expected.k_ranks, expected.v_ranks)
+            assert compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token() == report["kv_ratio"] <= budget
+            assert compressed.cfg.name == f"mha_micro+stief@{budget:g}"
+    summary = compress_sweep(model, [rows], methods=("eigen",), budgets=(0.5, 0.75), out_dir=tmp_path,
+                             tokenizer=tok, rank_fractions=FRACTIONS)
+    assert [(r["method"], r["budget"]) for r in summary] == [("eigen", 0.5), ("eigen", 0.75)]
+    for row in summary:
+        loaded = load_pretrained(row["folder"]).model
+        ratio = loaded.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token()
+        assert ratio == row["kv_ratio"] <= row["budget"]
+        assert abs(row["held_out_loss"]["compressed"] - row["held_out_loss"]["source"]) < 0.1
 
 
 def test_eigen_threshold_search_follows_the_reference_rule(trained):
@@ -329,7 +351,7 @@ def test_eigen_threshold_search_follows_the_reference_rule(trained):
 
 def test_profiles_and_report_are_written(trained, runs, tmp_path):
     model, rows, _, tok = trained
-    compressed, report = runs["stief"]
+    compressed, report, _ = runs["stief"]
     folder = save_compressed(compressed, tmp_path / "stief60", report, tok)
     profiles = json.loads((folder / "profiles.json").read_text())
     assert profiles["ranks"] == [4, 8, 12, 16] and len(profiles["layers"]) == 2

@@ -11,6 +11,10 @@ footprint and every evaluation work on it unchanged.
     compressed, report = compress_model(model, batches, method="stief", budget=0.6)
     save_compressed(compressed, "out/stief60", report, tokenizer)
 
+    fit = fit_compression(model, batches, method="stief", budget=0.6)   # bases + profiles, once
+    for b in (0.5, 0.7, 0.9): compressed, report = fit.compress(budget=b) # any budget, no refit
+    compress_sweep(model, batches, methods=("eigen", "stief"), budgets=(0.5, 0.7), out_dir="out/sweep")
+
 Pieces, usable alone:
     calibrate(model, batches, max_tokens) -> Calibration     per-layer block inputs, streamed
     eigen_bases / threshold_search                            EigenAttention
@@ -22,7 +26,7 @@ Pieces, usable alone:
 """
 
 from .allocate import Allocation, allocate_ranks, layer_weights, rank_grid
-from .api import CompressConfig, compress_model, save_compressed, write_report
+from .api import CompressConfig, CompressionFit, compress_model, compress_sweep, fit_compression, save_compressed, write_report
 from .build import build_compressed, projected_logits
 from .calibration import Calibration, calibrate, calibration_batches
 from .eigen import EigenBases, EigenOptions, eigen_bases, threshold_rank, threshold_search
@@ -32,7 +36,7 @@ from .profiles import layer_profile, load_profiles, plot_profiles, save_profiles
 from .stief import LearnedBases, StiefOptions, stief_bases, train_basis
 
 __all__ = [
-    "Allocation", "Calibration", "CompressConfig", "EigenBases", "EigenOptions", "LearnedBases", "StiefOptions",
+    "Allocation", "Calibration", "CompressConfig", "CompressionFit", "compress_sweep", "fit_compression", "EigenBases", "EigenOptions", "LearnedBases", "StiefOptions",
     "allocate_ranks", "block_error", "build_compressed", "calibrate", "calibration_batches", "check_source",
     "compress_model", "eigen_bases", "kv_statistics", "layer_profile", "layer_weights", "load_hf_llama",
     "load_hf_tokenizer", "load_profiles", "plot_profiles", "projected_block", "projected_logits", "rank_grid",

@@ -111,16 +111,22 @@ def compress_model(model, calib_batches=None, *, tokenizer=None, out_dir: str | 
     calib_batches: iterable of LongTensor (B, T) token batches (or dicts with "input"); None builds them
     with calibration_batches(tokenizer, **options["calib"]) (seq_len defaults to model.max_seq_len).
     options: see CompressConfig. out_dir: also write compression_report.json, profiles.json and profiles.png.
+    Equivalent to fit_compression(...).compress(out_dir=out_dir).
     """
+    return fit_compression(model, calib_batches, tokenizer=tokenizer, **options).compress(out_dir=out_dir)
+
+
+def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> "CompressionFit":
+    """Calibrate and fit one method's bases and error-rank profiles (the expensive part), for any budget."""
     start = time.time()
     cfg = CompressConfig.from_dict(options)
     check_source(model)
     model.eval()
     mcfg = model.cfg
     dh, g, n_layer = mcfg.head_dim, mcfg.kv_heads or mcfg.n_head, mcfg.n_layer
+    fixed = None
     if cfg.mode == "ranks":
-        k_fixed = fixed_ranks(cfg.k_ranks, "k_ranks", n_layer, dh)
-        v_fixed = fixed_ranks(cfg.v_ranks, "v_ranks", n_layer, dh)
+        fixed = fixed_ranks(cfg.k_ranks, "k_ranks", n_layer, dh), fixed_ranks(cfg.v_ranks, "v_ranks", n_layer, dh)
     grid = rank_grid(dh, cfg.rank_fractions)
     if cfg.mode == "allocate":
         check_feasible(cfg.budget, grid, dh, n_layer)
@@ -136,70 +142,125 @@ def compress_model(model, calib_batches=None, *, tokenizer=None, out_dir: str | 
         raise ConfigError(f"{n} calibration sequences are too few to hold out {n_eval}; raise compress.calib.n_seqs or max_tokens")
     stief_opts, eigen_opts = StiefOptions(**(cfg.stief or {})), EigenOptions(**(cfg.eigen or {}))
 
-    all_bases, profile_layers, searches, fit_info = [], [], [], []
+    fit = CompressionFit(model, cfg, calib.tokens[n - n_eval :], {"sequences": n, "seq_len": calib.seq_len,
+                                                                   "fit_sequences": n - n_eval, "eval_sequences": n_eval})
+    profile_layers = []
     for layer, x, y in calib.layers():
         block = model.blocks[layer]
         x_fit, y_fit, x_eval, y_eval = x[: n - n_eval], y[: n - n_eval], x[n - n_eval :], y[n - n_eval :]
         stats = kv_statistics(block, x_fit, cfg.chunk_rows)
         bases = eigen_bases(stats)
         if cfg.method == "eigen" and cfg.mode == "threshold":
-            searches.append({"layer": layer, **threshold_search(block, x_fit, y_fit, bases, eigen_opts, cfg.chunk_rows)})
+            fit.searches.append({"layer": layer, **threshold_search(block, x_fit, y_fit, bases, eigen_opts, cfg.chunk_rows)})
         if cfg.method == "stief":
-            k_train, v_train = (grid, grid) if cfg.mode == "allocate" else ([k_fixed[layer]], [v_fixed[layer]])
+            k_train, v_train = ([fixed[0][layer]], [fixed[1][layer]]) if fixed else (grid, grid)
             bases = stief_bases(block, x_fit, y_fit, stats, bases, k_train, v_train, stief_opts)
-            fit_info.append({"layer": layer, **bases.info})
-        if cfg.mode != "ranks":
+            fit.training.append({"layer": layer, **bases.info})
+        if not fixed:
             profile_layers.append({"layer": layer, **layer_profile(block, x_eval, y_eval, bases, grid, cfg.chunk_rows)})
-        all_bases.append(bases)
-
-    profiles = None
+        fit.bases.append(bases)
     if profile_layers:
-        profiles = {"method": cfg.method, "source": mcfg.name, "head_dim": dh, "kv_heads": g, "n_layer": n_layer,
-                    "ranks": grid, "eval_sequences": n_eval, "layers": profile_layers}
-    allocation = None
-    if cfg.mode == "ranks":
-        k_ranks, v_ranks = k_fixed, v_fixed
-    elif cfg.mode == "threshold":
-        k_ranks, v_ranks = [s["k_rank"] for s in searches], [s["v_rank"] for s in searches]
-    else:
-        allocation = allocate_ranks(profiles, cfg.budget, cfg.allocator, **(cfg.pareto or {}))
-        k_ranks, v_ranks = allocation.k_ranks, allocation.v_ranks
-    kv_ratio = (sum(k_ranks) + sum(v_ranks)) / (2 * n_layer * dh)
-    meta = {"method": cfg.method, "source": mcfg.name, "kv_ratio": kv_ratio}
-    if cfg.mode == "allocate":
-        meta.update(budget=cfg.budget, allocator=cfg.allocator)
-    k_bases = [b.key(r) for b, r in zip(all_bases, k_ranks)]
-    v_bases = [b.value(r) for b, r in zip(all_bases, v_ranks)]
-    compressed = build_compressed(model, k_bases, v_bases, meta)
+        fit.profiles = {"method": cfg.method, "source": mcfg.name, "head_dim": dh, "kv_heads": g, "n_layer": n_layer,
+                        "ranks": grid, "eval_sequences": n_eval, "layers": profile_layers}
+    fit.seconds = time.time() - start
+    return fit
 
-    held_out = Calibration(model, calib.tokens[n - n_eval :], cfg.chunk_rows)
-    layer_errors = []
-    for layer, x, y in held_out.layers():
-        err = block_error(model.blocks[layer], x, y, k_bases[layer], v_bases[layer], cfg.chunk_rows)
-        layer_errors.append({"layer": layer, "k_rank": k_ranks[layer], "v_rank": v_ranks[layer],
-                             "rel_error": err.rel_error, "cosine": err.cosine})
-    report = {
-        "method": cfg.method,
-        "mode": cfg.mode,
-        "source": mcfg.name,
-        "budget": cfg.budget if cfg.mode == "allocate" else None,
-        "allocator": cfg.allocator if cfg.mode == "allocate" else None,
-        "kv_ratio": kv_ratio,
-        "k_ranks": k_ranks,
-        "v_ranks": v_ranks,
-        "kv_bytes_per_token_bf16": {"source": mcfg.kv_cache_bytes_per_token(), "compressed": compressed.cfg.kv_cache_bytes_per_token()},
-        "calibration": {"sequences": n, "seq_len": calib.seq_len, "fit_sequences": n - n_eval, "eval_sequences": n_eval},
-        "held_out_loss": held_out_losses(model, compressed, held_out.tokens, cfg.chunk_rows),
-        "layer_errors": layer_errors,
-        "threshold_search": searches or None,
-        "stief_training": fit_info or None,
-        "options": dataclasses.asdict(cfg),
-        "profiles": profiles,
-        "seconds": time.time() - start,
-    }
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return compressed, report
+
+class CompressionFit:
+    """Bases (per layer, key(r) / value(r)) and profiles of one method on one model.
+
+    `compress()` folds them at the ranks the fit was configured for; `compress(budget=b)` allocates
+    ranks for another budget from the same profiles without refitting (not for fixed-rank StiefAttention
+    fits, whose bases exist at the given ranks only).
+    """
+
+    def __init__(self, model, cfg: CompressConfig, held_out_tokens: torch.Tensor, calibration: dict):
+        self.model, self.cfg, self.held_out_tokens, self.calibration = model, cfg, held_out_tokens, calibration
+        self.bases: list = []
+        self.profiles: dict | None = None
+        self.searches: list[dict] = []  # EigenAttention threshold search, per layer
+        self.training: list[dict] = []  # StiefAttention training summaries, per layer
+        self.seconds = 0.0
+
+    def ranks(self, budget=None, allocator=None) -> tuple[list[int], list[int]]:
+        cfg, mcfg = self.cfg, self.model.cfg
+        if budget is None and cfg.mode == "ranks":
+            return (fixed_ranks(cfg.k_ranks, "k_ranks", mcfg.n_layer, mcfg.head_dim),
+                    fixed_ranks(cfg.v_ranks, "v_ranks", mcfg.n_layer, mcfg.head_dim))
+        if budget is None and cfg.mode == "threshold":
+            return [s["k_rank"] for s in self.searches], [s["v_rank"] for s in self.searches]
+        if self.profiles is None:
+            raise ConfigError("this fit has fixed-rank StiefAttention bases only; fit again with compress.budget to allocate")
+        allocation = allocate_ranks(self.profiles, budget if budget is not None else cfg.budget,
+                                    allocator or cfg.allocator, **(cfg.pareto or {}))
+        return allocation.k_ranks, allocation.v_ranks
+
+    def compress(self, budget: float | None = None, allocator: str | None = None, out_dir: str | Path | None = None):
+        """(compressed Transformer, report) at the fit's own ranks, or allocated for `budget`."""
+        start = time.time()
+        cfg, model, mcfg = self.cfg, self.model, self.model.cfg
+        k_ranks, v_ranks = self.ranks(budget, allocator)
+        mode = "allocate" if budget is not None else cfg.mode
+        budget = budget if budget is not None else cfg.budget
+        allocator = allocator or cfg.allocator
+        kv_ratio = (sum(k_ranks) + sum(v_ranks)) / (2 * mcfg.n_layer * mcfg.head_dim)
+        meta = {"method": cfg.method, "source": mcfg.name, "kv_ratio": kv_ratio}
+        if mode == "allocate":
+            meta.update(budget=budget, allocator=allocator)
+        k_bases = [b.key(r) for b, r in zip(self.bases, k_ranks)]
+        v_bases = [b.value(r) for b, r in zip(self.bases, v_ranks)]
+        compressed = build_compressed(model, k_bases, v_bases, meta)
+
+        held_out = Calibration(model, self.held_out_tokens, cfg.chunk_rows)
+        layer_errors = []
+        for layer, x, y in held_out.layers():
+            err = block_error(model.blocks[layer], x, y, k_bases[layer], v_bases[layer], cfg.chunk_rows)
+            layer_errors.append({"layer": layer, "k_rank": k_ranks[layer], "v_rank": v_ranks[layer],
+                                 "rel_error": err.rel_error, "cosine": err.cosine})
+        report = {
+            "method": cfg.method,
+            "mode": mode,
+            "source": mcfg.name,
+            "name": compressed.cfg.name,
+            "budget": budget if mode == "allocate" else None,
+            "allocator": allocator if mode == "allocate" else None,
+            "kv_ratio": kv_ratio,
+            "k_ranks": k_ranks,
+            "v_ranks": v_ranks,
+            "kv_bytes_per_token_bf16": {"source": mcfg.kv_cache_bytes_per_token(),
+                                        "compressed": compressed.cfg.kv_cache_bytes_per_token()},
+            "calibration": self.calibration,
+            "held_out_loss": held_out_losses(model, compressed, self.held_out_tokens, cfg.chunk_rows),
+            "layer_errors": layer_errors,
+            "threshold_search": self.searches or None,
+            "stief_training": self.training or None,
+            "options": dataclasses.asdict(cfg),
+            "profiles": self.profiles,
+            "seconds": {"fit": self.seconds, "compress": time.time() - start},
+        }
+        if out_dir is not None:
+            write_report(report, out_dir)
+        return compressed, report
+
+
+def compress_sweep(model, calib_batches=None, *, methods=("eigen", "stief"), budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
+                   out_dir: str | Path, tokenizer=None, **options) -> list[dict]:
+    """Fit each method once, then compress at every budget into out_dir/<method>_<budget>/ (save_compressed).
+
+    Returns one summary per compressed model: method, budget, kv_ratio, held-out calibration losses, folder.
+    options: CompressConfig fields shared by the methods; per-method dicts go in options["stief"] etc.
+    """
+    batches = None if calib_batches is None else list(calib_batches)
+    out, rows = Path(out_dir), []
+    for method in methods:
+        budget = options.get("budget") or max(budgets)  # any feasible budget: the fit itself is budget-free
+        fit = fit_compression(model, batches, tokenizer=tokenizer, **{**options, "method": method, "budget": budget})
+        for b in budgets:
+            compressed, report = fit.compress(budget=b)
+            folder = save_compressed(compressed, out / f"{method}_{b:g}", report, tokenizer)
+            rows.append({"method": method, "budget": b, "kv_ratio": report["kv_ratio"], "name": report["name"],
+                         "held_out_loss": report["held_out_loss"], "folder": str(folder)})
+    return rows
 
 
 @torch.no_grad()

@@ -44,9 +44,8 @@ def build_compressed(model: Transformer, k_bases: list[torch.Tensor], v_bases: l
     check_source(model)
     cfg = model.cfg
     options = {"k_ranks": [b.shape[-1] for b in k_bases], "v_ranks": [b.shape[-1] for b in v_bases], **(meta or {})}
-    new_cfg = cfg.replace(
-        attention=KIND, kv_heads=cfg.kv_heads, attn_options=options, name=f"{cfg.name}+{(meta or {}).get('method', 'kv')}"
-    )
+    label = f"{cfg.name}+{options.get('method', 'kv')}" + (f"@{options['budget']:g}" if options.get("budget") else "")
+    new_cfg = cfg.replace(attention=KIND, kv_heads=cfg.kv_heads, attn_options=options, name=label)
     state = {}
     for name, value in model.state_dict().items():
         if ".attn." not in name:
