@@ -20,7 +20,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from lrkv.errors import ConfigError, LrkvError
 
@@ -48,7 +49,8 @@ def mode_loss(c: dict, out: Path):
                                       batch_size=c["batch_size"], max_batches=lc["max_batches"], max_tokens=lc["max_tokens"])
     result = {"checkpoint": str(pretrained.path), "model": pretrained.model.cfg.name,
               "attention": pretrained.model.cfg.attention, **result}
-    logged = read_summary(run_dir).get("final_val_loss") if run_dir else None
+    same_data = not c.get("data") and lc["split"] == "val" and not any(lc[k] for k in ("seq_len", "max_batches", "max_tokens"))
+    logged = read_summary(run_dir).get("final_val_loss") if run_dir and same_data else None
     if logged is not None:
         result["logged_final_val_loss"] = logged
     write_json(out / "loss.json", result)
@@ -58,7 +60,7 @@ def mode_loss(c: dict, out: Path):
             f"  loss {result['loss']:.4f} nats/token   ppl {result['ppl']:.3f}   bpb {bpb}   "
             f"({result['tokens_per_s']:,.0f} tokens/s)")
     if logged is not None:
-        text += f"\n  training logged final val_loss {logged:.4f}"
+        text += f"\n  training logged final val_loss {logged:.4f} (same data)"
     return result, text
 
 
@@ -123,18 +125,54 @@ def mode_generate(c: dict, out: Path):
 
 def mode_compress(c: dict, out: Path):
     # ---- compression hook: lrkv/compress/ (EigenAttention / StiefAttention) is built separately. ----
-    # mode=compress will load c["ckpt"], call the lrkv.compress library with method c["compress"]
-    # (stief | eigen) and its options, and report the loss (mode_loss) at the resulting KV bytes/token.
-    raise ConfigError("mode=compress is not wired into evaluate.py yet; use the lrkv.compress library directly")
+    # mode=compress (or ckpt=... compress=stief|eigen) will load c["ckpt"], call the lrkv.compress library
+    # with c["compress"] (configs/compress/<method>.yaml as a plain dict, e.g. lrkv.compress.compress_model(
+    # model, tokenizer=..., out_dir=out, **c["compress"])), save the compressed model into `out`, and report
+    # its held-out loss (mode_loss) at the resulting KV bytes/token.
+    if not c.get("compress"):
+        raise ConfigError("mode=compress needs a method: compress=stief or compress=eigen")
+    raise ConfigError("mode=compress is not wired into evaluate.py yet; call lrkv.compress.compress_model directly")
 
 
 MODES = {"loss": mode_loss, "lm_eval": mode_lm_eval, "footprint": mode_footprint, "compare": mode_compare,
          "diversity": mode_diversity, "generate": mode_generate, "compress": mode_compress}
 
 
+def resolvable(node: DictConfig, where: str) -> dict:
+    """A data config node as a plain dict, leaf by leaf: interpolations into the training config
+    (e.g. `seq_len: ${model.max_seq_len}` of configs/data/*.yaml) are dropped, so the run's own value
+    is kept; a mandatory value left unset (`???`) is an error."""
+    out = {}
+    for key in node.keys():
+        try:
+            value = node[key]
+        except MissingMandatoryValue:
+            raise ConfigError(f"{where}.{key} must be set (e.g. {where}.{key}=...)") from None
+        except InterpolationResolutionError:
+            continue
+        if isinstance(value, DictConfig):
+            out[key] = resolvable(value, f"{where}.{key}")
+        else:
+            out[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+    return out
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    groups = ("data", "compress")  # config groups that may interpolate into keys only train.py has
+    rest = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in groups])
+    c = OmegaConf.to_container(rest, resolve=True)
+    for group in groups:
+        node = cfg.get(group)
+        c[group] = resolvable(node, group) if isinstance(node, DictConfig) else None
+    return c
+
+
 def infer_mode(c: dict) -> str | None:
-    """mode=null: a checkpoint with lm_eval.tasks -> lm_eval, with a prompt -> generate, alone -> loss; runs -> compare."""
+    """mode=null: a checkpoint with compress=... -> compress, with lm_eval.tasks -> lm_eval, with a prompt ->
+    generate, alone -> loss; runs without a checkpoint -> compare."""
     if c.get("ckpt"):
+        if c.get("compress"):
+            return "compress"
         if (c.get("lm_eval") or {}).get("tasks"):
             return "lm_eval"
         if c.get("prompt") is not None or c.get("prompts"):
@@ -145,7 +183,7 @@ def infer_mode(c: dict) -> str | None:
 
 def run(cfg: DictConfig | dict, out_dir: str | Path | None = None, echo: bool = True) -> dict:
     """Run one evaluation mode from a composed config; returns {"mode", "out_dir", "result", "text"}."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = plain_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     c.pop("hydra", None)
     mode = c.get("mode") or infer_mode(c)
     if mode is None:

@@ -95,6 +95,7 @@ def test_loss_mode_matches_direct_computation(runs, tmp_path):
     assert r["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
     assert r["bpb"] == pytest.approx(summary["final_val_bpb"], rel=1e-6)
     assert json.loads((tmp_path / "loss.json").read_text())["bpb"] == pytest.approx(r["bpb"])
+    assert r["logged_final_val_loss"] == summary["final_val_loss"] and "(same data)" in out["text"]
 
 
 def test_loss_on_other_data_and_split(runs, tmp_path):
@@ -106,9 +107,12 @@ def test_loss_on_other_data_and_split(runs, tmp_path):
     # any data config: a local text file instead of the run's corpus
     text = tmp_path / "notes.txt"
     text.write_text("The for statement iterates over a sequence. " * 40)
-    other = evaluate(tmp_path / "c", f"ckpt={runs['mha']}", f"+data.source={text}", "+data.val_fraction=0",
-                     "loss.split=train")
-    assert other["result"]["source"] == str(text) and other["result"]["bpb"] > 0
+    other = evaluate(tmp_path / "c", f"ckpt={runs['mha']}", "data=local", f"data.source={text}", "data.val_fraction=0",
+                     "loss.split=train")  # configs/data/local.yaml's ${model.max_seq_len} is left to the run's value
+    assert other["result"]["source"] == str(text) and other["result"]["seq_len"] == DATA_CFG["seq_len"]
+    assert other["result"]["bpb"] > 0 and "logged_final_val_loss" not in other["result"]
+    with pytest.raises(ConfigError, match="data.source must be set"):
+        evaluate(tmp_path / "d", f"ckpt={runs['mha']}", "data=local")
 
 
 # ---- footprint -------------------------------------------------------------------------------------
@@ -328,7 +332,8 @@ def corrupt_ckpt(runs, tmp_path):
     (["mode=generate"], "needs a checkpoint"),
     (["mode=diversity"], "needs a checkpoint"),
     ([], "nothing to evaluate"),
-    (["mode=compress", "compress=stief"], "mode=compress"),
+    (["mode=compress"], "needs a method"),
+    (["ckpt=x", "compress=eigen"], "mode=compress is not wired"),  # the compress group selects the mode
 ])
 def test_errors_are_one_line(tmp_path, overrides, message):
     with pytest.raises(LrkvError) as err:

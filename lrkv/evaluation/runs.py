@@ -95,11 +95,13 @@ def require_tokenizer(pretrained, what: str = "this mode"):
 def find_run_dir(path: str | Path) -> Path | None:
     """The training run folder that `path` (run folder, pretrained/, checkpoints/x.ckpt, ...) belongs to."""
     path = Path(str(path)).expanduser().resolve()
-    for candidate in [path, *list(path.parents)[:3]]:
-        if (candidate / ".hydra" / "config.yaml").is_file():
-            return candidate
-    for candidate in [path, *list(path.parents)[:3]]:
-        if any((candidate / marker).is_file() for marker in RUN_MARKERS[:2]):
+    candidates = [path]
+    if path.name in ("pretrained", "checkpoints"):
+        candidates.append(path.parent)  # RUN_DIR/pretrained, RUN_DIR/checkpoints
+    if path.parent.name == "checkpoints":
+        candidates.append(path.parent.parent)  # RUN_DIR/checkpoints/last.ckpt or a sharded step folder
+    for candidate in candidates:
+        if is_run_dir(candidate):
             return candidate
     return None
 
