@@ -376,3 +376,10 @@ def test_cli_end_to_end_footprint(tmp_path):
 def test_model_config_errors_are_config_errors():
     with pytest.raises(ConfigError):
         footprint_table([], context=1)
+
+
+def test_multirun_folder_in_job_order(tmp_path):
+    for i, name in ((10, "c"), (2, "b"), (0, "a")):
+        write_fake_run(tmp_path / "multi" / f"{i}_{name}", name, "mha", 100, [4.0, 3.5, 3.2, 3.0])
+    (tmp_path / "multi" / "multirun.yaml").write_text("hydra: {}\n")
+    assert [r["name"] for r in compare_runs([tmp_path / "multi"])["runs"]] == ["a", "b", "c"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -191,8 +192,14 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in RUN_MARKERS)
 
 
+def _job_order(path: Path):
+    """Multirun job folders in job order: 0/, 1/, ..., 10/ (train.py names them 0_mha_tiny, 1_lrkv_tiny, ...)."""
+    match = re.match(r"\d+", path.name)
+    return (match is None, int(match.group()) if match else 0, path.name)
+
+
 def expand_runs(paths) -> list[Path]:
-    """Run folders from a list of run folders and/or multirun folders (numbered sub-folders 0/, 1/, ...)."""
+    """Run folders from a list of run folders and/or multirun folders (job sub-folders 0/, 1/ or 0_name/, ...)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
@@ -205,8 +212,7 @@ def expand_runs(paths) -> list[Path]:
         if is_run_dir(path):
             runs.append(path)
             continue
-        children = sorted((c for c in path.iterdir() if is_run_dir(c)),
-                          key=lambda c: (not c.name.isdigit(), int(c.name) if c.name.isdigit() else 0, c.name))
+        children = sorted((c for c in path.iterdir() if is_run_dir(c)), key=_job_order)
         if not children:
             raise DataError(
                 f"{path} is neither a run folder (no metrics.csv, summary.json or .hydra/config.yaml) "
