@@ -17,8 +17,7 @@ import torch
 
 from lrkv import ModelConfig, Transformer
 from lrkv.compress import (
-    allocate_ranks, calibrate, eigen_bases, kv_statistics, layer_profile, rank_grid, stief_bases, StiefOptions,
-    compress_model,
+    StiefOptions, calibrate, eigen_bases, fit_compression, kv_statistics, layer_profile, rank_grid, stief_bases,
 )
 from lrkv.data import embedded_documents, encode_documents, pack_documents, padded_vocab_size, train_bpe
 
@@ -51,6 +50,7 @@ def train_tiny(stream, n_layer=2, d_model=64, n_head=4, head_dim=16, seq_len=64,
 
 
 def main():
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster, and robust on a loaded machine
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--layers", type=int, default=2)
@@ -87,15 +87,19 @@ def main():
     for r in results:
         print(f"{r['layer']:5d} {r['rank']:4d}  {r['eigen']:.6f}   {r['stief']:.6f}   {r['eigen_cos']:.6f}   {r['stief_cos']:.6f}")
     held_rows = held[: (len(held) // seq_len) * seq_len][: 32 * seq_len].view(-1, seq_len)
+    with torch.no_grad():
+        source_loss = float(model.loss(held_rows[:, :-1], held_rows[:, 1:]))
+    print(f"held-out loss of the source model: {source_loss:.4f}")
+    stief = dict(epochs=args.epochs, patience=3, batch_k=4, batch_v=4, init=args.init)
     for method in ("eigen", "stief"):
-        for allocator in ("pareto", "sequential"):
-            c, rep = compress_model(model, [rows], method=method, budget=args.budget, allocator=allocator,
-                                    rank_fractions=[0.25, 0.5, 0.75], stief=dict(epochs=args.epochs, patience=3, batch_k=4, batch_v=4, init=args.init))
-            with torch.no_grad():
-                lc = float(c.loss(held_rows[:, :-1], held_rows[:, 1:]))
-                lm = float(model.loss(held_rows[:, :-1], held_rows[:, 1:]))
-            print(f"{method:5s} {allocator:10s} budget {args.budget}: kv_ratio {rep['kv_ratio']:.4f} k {rep['k_ranks']} v {rep['v_ranks']} "
-                  f"held-out loss {lc:.4f} (source {lm:.4f})")
+        fit = fit_compression(model, [rows], method=method, budget=args.budget, rank_fractions=[0.25, 0.5, 0.75], stief=stief)
+        for budget in sorted({0.5, args.budget, 0.75}):
+            for allocator in ("pareto", "sequential"):
+                c, rep = fit.compress(budget=budget, allocator=allocator)
+                with torch.no_grad():
+                    loss = float(c.loss(held_rows[:, :-1], held_rows[:, 1:]))
+                print(f"{method:5s} {allocator:10s} budget {budget:.2f}: kv_ratio {rep['kv_ratio']:.4f} "
+                      f"k {rep['k_ranks']} v {rep['v_ranks']} held-out loss {loss:.4f} (+{loss - source_loss:.4f})")
     print(json.dumps(results))
 
 

@@ -142,7 +142,7 @@ def test_full_rank_reproduces_the_original_logits(kind):
     assert compressed.cfg.kv_cache_bytes_per_token() == model.cfg.kv_cache_bytes_per_token()
 
 
-@pytest.mark.parametrize("kind", ["mha", "gqa"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mqa"])
 def test_compressed_model_equals_projected_model_and_decodes_exactly(kind):
     model, x = random_model(kind, seed=2), tokens(seed=3)
     k, v = random_bases(model, [5, 11], [9, 3])

@@ -70,9 +70,9 @@ def projected_block(block, x: torch.Tensor, pk: torch.Tensor | None = None, pv: 
     k = attn.k_norm(attn.wk(a).view(b, t, attn.kv_heads, attn.head_dim))
     v = attn.wv(a).view(b, t, attn.kv_heads, attn.head_dim)
     if pk is not None:
-        k = project_keys(k, pk.to(k.dtype))
+        k = project_keys(k, pk.to(device=k.device, dtype=k.dtype))
     if pv is not None:
-        v = project_values(v, pv.to(v.dtype))
+        v = project_values(v, pv.to(device=v.device, dtype=v.dtype))
     y = attend(q, apply_rope(k, cos, sin), v, backend=attn.cfg.attn_backend)
     h = x + attn.wo(y.reshape(b, t, -1))
     return h + block.mlp(block.mlp_norm(h))
