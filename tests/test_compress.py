@@ -185,6 +185,23 @@ def test_cache_holds_only_latents_and_bytes_match_the_ratio():
         assert ratio == pytest.approx((sum(k_ranks) + sum(v_ranks)) / (2 * dh * 2), rel=1e-12)
 
 
+def test_footprint_of_a_compressed_preset_on_the_meta_device():
+    """Per-layer ranks on a 128M shape: a real prefill on meta tensors, bytes == analytic == sum of ranks."""
+    from lrkv import load_model_config
+
+    source = load_model_config("gqa_128m")
+    k_ranks = [64 + 4 * i for i in range(source.n_layer)]
+    cfg = source.replace(attention="compressed_kv", attn_options={"k_ranks": k_ranks, "v_ranks": 77})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    cache = model.new_cache(2, 16, dtype=torch.bfloat16, device="meta")
+    with torch.no_grad():
+        model(torch.zeros(2, 10, dtype=torch.long, device="meta"), cache)
+    expected = source.kv_heads * (sum(k_ranks) + 77 * source.n_layer) * 2
+    assert cache.nbytes_per_token() == cfg.kv_cache_bytes_per_token() == expected
+    assert expected / source.kv_cache_bytes_per_token() == pytest.approx((sum(k_ranks) / 12 + 77) / 256)
+
+
 def test_a_fresh_compressed_config_builds_trains_and_validates():
     cfg = tiny_config("gqa").replace(attention="compressed_kv", attn_options={"k_ranks": 6, "v_ranks": [4, 8]})
     assert cfg.attn_options["k_ranks"] == [6, 6] and cfg.kv_heads == 2
@@ -216,6 +233,8 @@ def test_calibration_is_bounded_and_streams_block_inputs():
     calib = calibrate(model, batches, max_tokens=16 * 7 + 5)
     assert tuple(calib.tokens.shape) == (7, 16)
     assert torch.equal(calib.tokens, torch.cat(batches)[:7])
+    as_dicts = calibrate(model, ({"input": b, "target": b} for b in batches), max_tokens=16 * 6)  # data loader batches
+    assert torch.equal(as_dicts.tokens, torch.cat(batches)[:6])
     previous = None
     with torch.no_grad():
         for layer, x, y in calib.layers():
