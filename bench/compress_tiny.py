@@ -19,7 +19,7 @@ from lrkv import ModelConfig, Transformer
 from lrkv.compress import (
     StiefOptions, calibrate, eigen_bases, fit_compression, kv_statistics, layer_profile, rank_grid, stief_bases,
 )
-from lrkv.data import embedded_documents, encode_documents, pack_documents, padded_vocab_size, train_bpe
+from lrkv.data import embedded_documents, encode_documents, pack_documents, train_bpe
 
 
 def corpus_tokens(vocab: int = 512):
