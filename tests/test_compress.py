@@ -522,6 +522,17 @@ def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
         torch.testing.assert_close(decoded, compressed(x), atol=ATOL, rtol=0)
 
 
+def test_hf_folder_tokenizer_uses_its_eos_token(trained, tmp_path):
+    from lrkv.compress import load_hf_tokenizer
+
+    tok = trained[3]
+    assert load_hf_tokenizer(tmp_path) is None
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
+    loaded = load_hf_tokenizer(tmp_path)
+    assert loaded.eos_id == tok.eos_id and loaded.encode("def f(x): return x") == tok.encode("def f(x): return x")
+
+
 def test_unsupported_llama_folders_are_one_line_errors(llama_dir, tmp_path):
     folder, _ = llama_dir
     base = json.loads((folder / "config.json").read_text())
