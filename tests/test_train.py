@@ -51,6 +51,13 @@ def test_each_kind_trains_and_exports(kind, tmp_path, cache_dir):
     assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "step-00000012.ckpt"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code needed
     assert ckpt["global_step"] == steps and "LMDataModule" in ckpt
+    assert_same_logits(load_pretrained(run_dir / "checkpoints" / "last.ckpt").model, pretrained.model)
+
+
+def assert_same_logits(a, b):
+    x = torch.randint(0, a.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=0)
 
 
 def compose_cfg_kv_bytes(overrides):
@@ -175,6 +182,8 @@ def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, cache_dir)
             assert diff.max() < 1e-6, name
         else:  # AdamW: g / (sqrt(v) + eps) amplifies rounding where gradients are ~0 (rare tokens)
             assert (diff > 1e-5).float().mean() < 1e-3, name
+
+    assert_same_logits(load_pretrained(fsdp_dir / "checkpoints" / "step-00000004.ckpt").model, exported_fsdp)
 
     resume = [a for a in fsdp if not a.startswith("run_name=")]
     resume += ["run_name=fsdp_resumed", f"ckpt_path={fsdp_dir / 'checkpoints' / 'step-00000002.ckpt'}"]

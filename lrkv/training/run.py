@@ -173,6 +173,8 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
     strategy, plugins = make_strategy(trainer_cfg, world)
     precision, fsdp_dtype = resolve_precision(trainer_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(run_dir / "tokenizer.json"))  # (atomic) so that intermediate checkpoints can be evaluated
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
     if ckpt is not None:
         check_checkpoint_model(ckpt, model_cfg)
