@@ -192,3 +192,71 @@ def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, cache_dir)
     resumed = train_losses(tmp_path / "runs" / "fsdp_resumed")
     assert sorted(resumed) == [3, 4]
     assert resumed == pytest.approx({k: v for k, v in train_losses(fsdp_dir).items() if k > 2}, abs=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
+    """A real SIGINT to `python train.py`: it finishes the step, saves, exits 130; ckpt_path=last continues exactly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import ROOT, clean_env
+
+    steps = 40
+    args = tiny_overrides(tmp_path, cache_dir, steps=steps, **{"train.ckpt_every": 100, "train.val_every": 0})
+    run_dir = tmp_path / "runs" / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped: SIGINT at step" in err.strip().splitlines()[-1]
+    stopped_at = max(train_losses(run_dir))
+    assert 3 <= stopped_at < steps
+    last = (run_dir / "checkpoints" / "last.ckpt").resolve()
+    assert last.name == f"step-{stopped_at:08d}.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == stopped_at
+
+    result = run_script(args + ["ckpt_path=last"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = tmp_path / "reference"
+    train_in_process(args, reference)
+    assert train_losses(run_dir) == pytest.approx(train_losses(reference), abs=1e-6)
+
+
+def test_multirun_sweeps_kinds_and_ranks(tmp_path, cache_dir):
+    args = [a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if not a.startswith("model=")]
+    result = run_script(["-m", "model=mha_tiny,lrkv_tiny", *args], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "multirun").glob("*/*") if (p / "summary.json").exists())
+    assert runs == ["0_mha_tiny", "1_lrkv_tiny"]
+
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    rank_args = [a.replace(str(tmp_path), str(ranks)) if a.startswith("paths.output_dir") else a for a in args]
+    result = run_script(["-m", "model=lrkv_tiny", "model.rank=2,4", *rank_args], ranks, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(ranks.glob("multirun/*/*/summary.json"))]
+    assert [s["model_config"]["rank"] for s in summaries] == [2, 4]
+    assert summaries[0]["kv_bytes_per_token"] < summaries[1]["kv_bytes_per_token"]
+
+
+def test_optuna_sweep_minimises_validation_loss(tmp_path, cache_dir):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    args = [a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if a != "run_name=run"]
+    result = run_script(["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *args], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    optimization = next((tmp_path / "multirun").glob("*/optimization_results.yaml")).read_text()
+    assert "best_value" in optimization
+    assert len(list((tmp_path / "multirun").glob("*/*/summary.json"))) == 2
+
+
+def test_wandb_logger_offline(tmp_path, cache_dir):
+    result = run_script(tiny_overrides(tmp_path, cache_dir, steps=2) + ["logger=wandb"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "runs" / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
