@@ -16,8 +16,8 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, T, H, D) by position: pairs (x_i, x_{i+D/2}) turn by angle_t,i."""
+    """Rotate x of shape (B, T, H, D) by position: pairs (x_i, x_{i+D/2}) turn by +angle_t,i (as Llama/HF)."""
     d = x.shape[-1] // 2
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, D/2) broadcasts over heads
     x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -11,9 +11,7 @@ with norm_affine=True, qk_norm=False, embed_norm=False, logit_softcap=None, mlp_
 mlp_ratio = intermediate_size / hidden_size, kv_heads = num_key_value_heads (attention "mha" when
 equal to the heads, else "gqa"), rope_theta, rms_norm_eps, head_dim, tie_word_embeddings.
 
-RoPE sign: Hugging Face rotates pairs (x_i, x_{i+d/2}) by +angle, lrkv/rope.py by -angle. Negating
-the second half of every query and key head (rows of W_Q and W_K) maps one onto the other exactly:
-with S = diag(I, -I), R_hf = S R_ours S and S is orthogonal, so every score is unchanged.
+RoPE: lrkv/rope.py uses Hugging Face's rotate-half convention, so q/k weights map unchanged.
 
 Refused (one-line CheckpointError): rope scaling (rope_type other than "default"), attention or MLP
 biases, activations other than SiLU, pickled weights without safetensors, other architectures.
@@ -87,13 +85,6 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def flip_rope_halves(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Negate rows d_h/2..d_h of every head of a (heads d_h, d) projection (see module docstring)."""
-    w = weight.clone().view(heads, head_dim, -1)
-    w[:, head_dim // 2 :] *= -1
-    return w.view(heads * head_dim, -1)
-
-
 def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """A Transformer with the weights of a local Llama folder (config.json + safetensors), in eval mode."""
     folder = Path(path)
@@ -113,8 +104,8 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         state[o + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         state[o + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        state[o + "attn.wq.weight"] = flip_rope_halves(take(p + "self_attn.q_proj.weight"), h, dh)
-        state[o + "attn.wk.weight"] = flip_rope_halves(take(p + "self_attn.k_proj.weight"), g, dh)
+        state[o + "attn.wq.weight"] = take(p + "self_attn.q_proj.weight")
+        state[o + "attn.wk.weight"] = take(p + "self_attn.k_proj.weight")
         state[o + "attn.wv.weight"] = take(p + "self_attn.v_proj.weight")
         state[o + "attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
         state[o + "mlp.up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
