@@ -7,7 +7,7 @@ Modes (configs/evaluate.yaml lists every option):
     compare    markdown table and plots over training runs; steps to reach a target loss
     diversity  head diversity: effective rank of per-head W_Q,h W_K,hᵀ per layer, % of H
     generate   completions through the KV cache, with tokens/s
-    compress   post-training KV compression (lrkv/compress/; hook below)
+    compress   post-training KV compression of a trained MHA/GQA model (compress=stief|eigen)
 
 This file only turns the Hydra config into plain arguments and calls lrkv.evaluation. Errors of the
 framework (`LrkvError`) print as one line, `error: ...`, with exit code 2.
@@ -23,7 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from lrkv.errors import ConfigError, LrkvError
+from lrkv.cli import precheck, run_cli
+from lrkv.errors import ConfigError
 
 
 def merged(base: dict | None, override: dict | None) -> dict:
@@ -124,14 +125,26 @@ def mode_generate(c: dict, out: Path):
 
 
 def mode_compress(c: dict, out: Path):
-    # ---- compression hook: lrkv/compress/ (EigenAttention / StiefAttention) is built separately. ----
-    # mode=compress (or ckpt=... compress=stief|eigen) will load c["ckpt"], call the lrkv.compress library
-    # with c["compress"] (configs/compress/<method>.yaml as a plain dict, e.g. lrkv.compress.compress_model(
-    # model, tokenizer=..., out_dir=out, **c["compress"])), save the compressed model into `out`, and report
-    # its held-out loss (mode_loss) at the resulting KV bytes/token.
+    """Compress ckpt with compress=stief|eigen (configs/compress/); compress.budgets=[...] makes one model per budget.
+    Each compressed model is saved (a pretrained folder with summary.json) and scored on the source run's
+    held-out data; with lm_eval.tasks also on lm-eval tasks."""
+    from lrkv.evaluation.compression import compress_checkpoint, report_compression
+
     if not c.get("compress"):
         raise ConfigError("mode=compress needs a method: compress=stief or compress=eigen")
-    raise ConfigError("mode=compress is not wired into evaluate.py yet; call lrkv.compress.compress_model directly")
+    if not c.get("ckpt"):
+        raise ConfigError("mode=compress needs ckpt=RUN_DIR (a trained MHA or GQA model)")
+    lm_eval = None
+    if (c.get("lm_eval") or {}).get("tasks"):
+        def lm_eval(pretrained, folder):
+            from lrkv.evaluation.downstream import scores
+
+            results, _ = mode_lm_eval({**c, "ckpt": str(folder)}, Path(folder))
+            return scores(results)
+    loss_opts = {**c["loss"], "batch_size": c["batch_size"]}
+    result = compress_checkpoint(c["ckpt"], c["compress"], out, device=c["device"], loss_opts=loss_opts,
+                                 data_cfg=c.get("data"), lm_eval=lm_eval)
+    return result, report_compression(result, out)
 
 
 MODES = {"loss": mode_loss, "lm_eval": mode_lm_eval, "footprint": mode_footprint, "compare": mode_compare,
@@ -201,13 +214,9 @@ def run(cfg: DictConfig | dict, out_dir: str | Path | None = None, echo: bool = 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg, out_dir)
-    except LrkvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: run(cfg, cfg.out_dir or HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:], "evaluate")
     main()

@@ -39,11 +39,17 @@ def precheck(argv: list[str], config_name: str) -> None:
     composing the config once (single runs only: sweeps are checked by Hydra itself).
     """
     check_group_choices(argv)
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+    if any(a.startswith("-") for a in argv):  # -m, --cfg, --help ...: Hydra's own business
         return
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
+    try:
+        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
+            return  # a sweep (experiment with hydra.mode=MULTIRUN): Hydra checks each job
+    except Exception as e:  # noqa: BLE001
+        fail(f"bad override: {str(e).splitlines()[0]}")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             compose(config_name, overrides=overrides)

@@ -43,6 +43,7 @@ REPORT_FILE, PROFILES_FILE, PLOT_FILE = "compression_report.json", "profiles.jso
 class CompressConfig:
     method: str = "stief"  # stief | eigen
     budget: float | None = None  # fraction of the source KV cache to keep; eigen: None = threshold search
+    budgets: list[float] | None = None  # evaluate.py / compress_sweep: one model per budget (compress_model ignores it)
     allocator: str = "sequential"  # pareto (v1) | sequential (v2)
     k_ranks: int | list[int] | None = None  # fixed ranks (both given): no allocation
     v_ranks: int | list[int] | None = None

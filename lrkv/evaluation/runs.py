@@ -30,7 +30,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "fp64": torch.float64,
 }
-RUN_MARKERS = ("metrics.csv", "summary.json", ".hydra/config.yaml")
+RUN_MARKERS = ("metrics.csv", "summary.json", "config.yaml", ".hydra/config.yaml")
 
 
 def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -108,11 +108,14 @@ def find_run_dir(path: str | Path) -> Path | None:
 
 
 def read_run_config(run_dir: str | Path | None) -> dict | None:
-    """The composed training config (`.hydra/config.yaml`) as plain dicts, interpolations resolved where
-    possible (Hydra saves them unresolved; `${hydra:...}` cannot resolve outside Hydra and stays as text)."""
+    """The training config as plain dicts: `config.yaml` (written by training, fully resolved), else the
+    composed `.hydra/config.yaml` with interpolations resolved where possible (Hydra saves them
+    unresolved; `${hydra:...}` cannot resolve outside Hydra and stays as text)."""
     if run_dir is None:
         return None
-    path = Path(run_dir) / ".hydra" / "config.yaml"
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
     from omegaconf import OmegaConf

@@ -10,12 +10,12 @@ export `pretrained/`, `summary.json`, `loss.png`.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 
 from lrkv.config import ModelConfig
 from lrkv.data.datamodule import LMDataModule
@@ -218,6 +218,7 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     if trainer.world_size != world:
         raise ConfigError(f"trainer runs {trainer.world_size} processes, expected {world}; set trainer.devices explicitly")
     if trainer.is_global_zero:
+        dump_config({**cfg, "model": model_cfg.to_dict()}, run_dir)
         print(f"run {run_dir}: model {model_cfg.name} ({model_cfg.attention}), {params / 1e6:.2f}M params, "
               f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
               f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})")
@@ -284,5 +285,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def dump_config(cfg: dict, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    """config.yaml: the resolved config this run trained with (model vocabulary included)."""
+    from lrkv.training.checkpoint import atomic_write_text
+
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,87 @@
+"""The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression study."""
+
+import json
+
+import pytest
+import torch
+from train_helpers import run_script, tiny_overrides, train_in_process, val_losses
+
+from lrkv.training.checkpoint import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny MHA and a tiny LRKV trained by train.py's code path (in process)."""
+    root = tmp_path_factory.mktemp("trained")
+    cache = root / "cache"
+    runs = {}
+    for kind in ("mha", "lrkv"):
+        extra = {"data.batch_size": 8, "train.val_every": 40, "optim.warmup_steps": 5, "run_name": kind}
+        train_in_process(tiny_overrides(root, cache, model=f"{kind}_tiny", steps=80, **extra), root / "runs" / kind)
+        runs[kind] = root / "runs" / kind
+    return runs
+
+
+def test_evaluate_loss_reproduces_the_logged_validation_loss(trained, tmp_path):
+    result = run_script([f"ckpt={trained['mha']}", f"out_dir={tmp_path}"], tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss = json.loads((tmp_path / "loss.json").read_text())
+    assert loss["loss"] == pytest.approx(val_losses(trained["mha"])[80], abs=1e-4)
+    assert loss["bpb"] == pytest.approx(json.loads((trained["mha"] / "summary.json").read_text())["final_val_bpb"], abs=1e-4)
+
+
+def test_compress_then_compare_with_trained_models(trained, tmp_path):
+    out = tmp_path / "compress"
+    args = [f"ckpt={trained['mha']}", "compress=stief", "compress.budgets=[0.5,0.75]", "compress.calib.n_seqs=16",
+            "compress.stief.epochs=2", f"out_dir={out}"]
+    result = run_script(args, tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((out / "compression.json").read_text())["rows"]}
+    source = rows["mha"]
+    for budget in (0.5, 0.75):
+        row = next(r for r in rows.values() if r["budget"] == budget)
+        assert row["kv_bytes_per_token"] == int(budget * source["kv_bytes_per_token"])  # ranks fill the budget exactly here
+        assert row["val_loss"] > source["val_loss"] - 1e-3
+        folder = out / f"stief_{budget:g}"
+        model = load_pretrained(folder).model
+        assert model.cfg.attention == "compressed_kv"
+        cache = model.new_cache(1, 8, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(torch.zeros(1, 8, dtype=torch.long), cache)
+        assert cache.nbytes_per_token() == row["kv_bytes_per_token"]
+    compare = tmp_path / "compare"
+    runs = f"runs=[{trained['mha']},{trained['lrkv']},{out / 'stief_0.5'},{out / 'stief_0.75'}]"
+    result = run_script(["mode=compare", runs, f"out_dir={compare}"], tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (compare / "compare.md").read_text()
+    assert table.count("compressed_kv") == 2 and "| lrkv" in table.replace("| lrkv |", "| lrkv")
+    assert (compare / "pareto_kv.png").stat().st_size > 1000
+
+
+def test_compressing_an_lrkv_model_is_a_clear_error(trained, tmp_path):
+    result = run_script([f"ckpt={trained['lrkv']}", "compress=eigen", f"out_dir={tmp_path}"], tmp_path, script="evaluate.py")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "lrkv" in last
+
+
+def test_bad_budget_is_a_one_line_error(trained, tmp_path):
+    result = run_script([f"ckpt={trained['mha']}", "compress=stief", "compress.budget=1.5", f"out_dir={tmp_path}"],
+                        tmp_path, script="evaluate.py")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "budget" in last
+
+
+def test_compression_study_experiment(tmp_path):
+    """experiment=compress_study: trains the sweep, then compresses MHA with both methods: one table, one plot."""
+    args = [a for a in tiny_overrides(tmp_path, tmp_path / "cache", steps=20, **{"train.val_every": 10}) if not a.startswith(("model=", "run_name="))]
+    args += ["experiment=compress_study", "model=mha_tiny,lrkv_tiny", "hydra.callbacks.compression_study.budgets=[0.5,0.75]",
+             "hydra.callbacks.compression_study.options.stief.epochs=2", "hydra.callbacks.compression_study.options.calib.n_seqs=16"]
+    result = run_script(args, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = next((tmp_path / "multirun").glob("*/compression_study"))
+    table = (study / "compare.md").read_text()
+    for name in ("study_mha_tiny", "study_lrkv_tiny", "study_mha_tiny-eigen-0.50", "study_mha_tiny-stief-0.75"):
+        assert name in table
+    assert (study / "pareto_kv.png").stat().st_size > 1000
