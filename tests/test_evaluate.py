@@ -333,7 +333,7 @@ def corrupt_ckpt(runs, tmp_path):
     (["mode=diversity"], "needs a checkpoint"),
     ([], "nothing to evaluate"),
     (["mode=compress"], "needs a method"),
-    (["ckpt=x", "compress=eigen"], "mode=compress is not wired"),  # the compress group selects the mode
+    (["ckpt=x", "compress=eigen"], "checkpoint path x does not exist"),  # the compress group selects the mode
 ])
 def test_errors_are_one_line(tmp_path, overrides, message):
     with pytest.raises(LrkvError) as err:
