@@ -1,0 +1,79 @@
+"""Shared bits of the benchmarks: timing, device description, result records.
+
+Every benchmark prints a table with ratios against a baseline measured in the same process, and
+with --save appends a JSON record (device, date, command, numbers) to bench/results/.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds per call of fn() after warmup calls (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def record(name: str, device: torch.device, rows: list[dict], settings: dict, save: bool) -> dict:
+    result = {
+        "benchmark": name,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": settings,
+        "rows": rows,
+    }
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{name}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"appended to {path}")
+    return result
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
