@@ -398,3 +398,37 @@ def test_rope_rotation_preserves_norm_and_is_relative():
 
     assert math.isclose(score(3, 1), score(10, 8), rel_tol=1e-6)  # depends on i - j only
     assert not math.isclose(score(3, 1), score(3, 2), rel_tol=1e-3)
+
+
+def reference_flash_attn(q, k, v, softmax_scale=None, causal=False):
+    """flash_attn_func's documented semantics on CPU: (B, T, H, D) layout, GQA by head groups, causal
+    mask aligned bottom-right when the query is shorter than the keys."""
+    b, tq, h, d = q.shape
+    tk, g = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(h // g, dim=2), v.repeat_interleave(h // g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (softmax_scale or d**-0.5)
+    if causal:
+        s = s.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "lrkv"])
+def test_flash_attention_path_calls_flash_correctly(kind, monkeypatch):
+    """The flash-attn branch (GPU only) is exercised on CPU with a reference function of the same contract."""
+    from lrkv.attention import kernel
+
+    model, x = random_model(kind), tokens()
+    with torch.no_grad():
+        sdpa_full, sdpa_decode = model(x), decode_in_chunks(model, x, [7, 3] + [1] * 10)
+    calls = []
+
+    def fake(q, k, v, softmax_scale=None, causal=False):
+        calls.append((q.shape, k.shape))
+        return reference_flash_attn(q, k, v, softmax_scale, causal)
+
+    monkeypatch.setattr(kernel, "flash_attn_func", fake)
+    monkeypatch.setattr(kernel, "flash_usable", lambda q, v: True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), sdpa_full, atol=ATOL, rtol=0)
+        torch.testing.assert_close(decode_in_chunks(model, x, [7, 3] + [1] * 10), sdpa_decode, atol=ATOL, rtol=0)
+    assert calls and all(len(shape) == 4 for shape, _ in calls)

@@ -84,9 +84,11 @@ class StopAt:
         return _Stop()
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, cache_dir):
+@pytest.mark.parametrize("storage", ["memory", "shards"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(storage, tmp_path, cache_dir):
     steps = 10
-    extra = {"train.ckpt_every": 4, "train.val_every": 5, "data.batch_size": 2, "train.batch_tokens": 256}  # accumulation 2
+    extra = {"train.ckpt_every": 4, "train.val_every": 5, "data.batch_size": 2, "train.batch_tokens": 256,  # accumulation 2
+             "data.storage": storage}
     full = tmp_path / "full"
     train_in_process(tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=steps, **extra), full)
     part = tmp_path / "part"
@@ -144,6 +146,7 @@ def test_cli_errors_are_one_line(tmp_path, cache_dir):
     base = tiny_overrides(tmp_path, cache_dir)
     cases = [  # (arguments replacing the same keys in base, keys dropped from base, expected text)
         (["model=lrkv_9b"], [], "unknown model 'lrkv_9b'"),
+        (["data=wikitext"], [], "unknown data 'wikitext'"),
         (["train.max_stepz=3"], [], "train.max_stepz"),
         (["data=local"], ["data.source"], "missing required value data.source"),
         (["data=local", "data.source=/no/such/corpus.jsonl"], [], "/no/such/corpus.jsonl"),
@@ -260,3 +263,23 @@ def test_wandb_logger_offline(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     runs = list((tmp_path / "runs" / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
+    import lrkv.training.checkpointing as checkpointing
+
+    run_dir = tmp_path / "run"
+    train_in_process(tiny_overrides(tmp_path, cache_dir, steps=3), run_dir)
+    good = (run_dir / "checkpoints" / "last.ckpt").resolve()
+
+    def crash(checkpoint, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing, "_atomic_save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_in_process(tiny_overrides(tmp_path, cache_dir, steps=6) + ["ckpt_path=last"], run_dir)
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve() == good
+    assert torch.load(good, weights_only=True)["global_step"] == 3
+    assert not (run_dir / "checkpoints" / "step-00000006.ckpt").exists()

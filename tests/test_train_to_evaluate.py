@@ -85,3 +85,26 @@ def test_compression_study_experiment(tmp_path):
     for name in ("study_mha_tiny", "study_lrkv_tiny", "study_mha_tiny-eigen-0.50", "study_mha_tiny-stief-0.75"):
         assert name in table
     assert (study / "pareto_kv.png").stat().st_size > 1000
+
+
+def test_a_local_hugging_face_llama_folder_evaluates_and_compresses(trained, tmp_path):
+    """A Llama folder (built locally with transformers) is a checkpoint like any other for evaluate.py."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text((trained["mha"] / "tokenizer.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    data = ["data=embedded", "data.source=embedded:topics", "data.val_batches=2"]
+    result = run_script([f"ckpt={folder}", *data, f"out_dir={tmp_path / 'loss'}"], tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    loss = json.loads((tmp_path / "loss" / "loss.json").read_text())
+    assert loss["attention"] == "gqa" and abs(loss["loss"] - torch.log(torch.tensor(512.0)).item()) < 0.5  # random init
+    args = [f"ckpt={folder}", "compress=eigen", "compress.budget=0.75", "compress.calib.source=embedded:topics",
+            "compress.calib.n_seqs=12", *data, f"out_dir={tmp_path / 'compress'}"]
+    result = run_script(args, tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "compress" / "compression.json").read_text())["rows"]
+    assert rows[1]["kv_ratio"] <= 0.75 and rows[1]["kv_bytes_per_token"] < rows[0]["kv_bytes_per_token"]

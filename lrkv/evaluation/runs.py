@@ -46,35 +46,28 @@ def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.flo
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
-    """`load_pretrained` (pretrained folder, run folder, Lightning .ckpt or sharded FSDP folder) with
-    one-line errors. Returns `Pretrained(model, tokenizer, path)`; the model is in eval mode."""
-    from lrkv.training.checkpoint import find_pretrained_folder, load_pretrained
+    """`load_pretrained` (pretrained folder, run folder, Lightning .ckpt, sharded FSDP folder or local
+    Hugging Face Llama folder) with one-line errors. Returns `Pretrained(model, tokenizer, path)`; the model is in eval mode."""
+    from lrkv.training.checkpoint import find_pretrained_folder, is_hf_llama_folder, load_pretrained
 
     if path is None or str(path) == "":
         raise ConfigError("this mode needs a checkpoint: pass ckpt=RUN_DIR (or a pretrained folder or checkpoint file)")
     path = Path(str(path)).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder, a pretrained folder or a checkpoint file")
-    if path.is_dir() and find_pretrained_folder(path) is None and not _looks_like_training_checkpoint(path):
+    known = find_pretrained_folder(path) or _looks_like_training_checkpoint(path) or is_hf_llama_folder(path)
+    if path.is_dir() and not known:
         raise CheckpointError(
             f"{path} holds no model: expected model_config.json + model.safetensors, a pretrained/ folder, "
-            "or Lightning checkpoints under checkpoints/"
+            "Lightning checkpoints under checkpoints/, or a Hugging Face Llama folder"
         )
-    try:
-        return load_pretrained(path, device=device, dtype=parse_dtype(dtype) if dtype is not None else None)
-    except ModuleNotFoundError as e:
-        if "lrkv.training" not in str(e):
-            raise
-        raise CheckpointError(
-            f"{path} is a training checkpoint, and loading those needs lrkv.training.resume, which this "
-            "install lacks; export a pretrained/ folder (save_pretrained) and pass that instead"
-        ) from None
+    return load_pretrained(path, device=device, dtype=parse_dtype(dtype) if dtype is not None else None)
 
 
 def _looks_like_training_checkpoint(path: Path) -> bool:
     """A Lightning checkpoint folder (sharded: torch.distributed.checkpoint writes .metadata) or a run
     folder with checkpoints/."""
-    return (path / ".metadata").is_file() or (path / "checkpoints").is_dir() or any(path.glob("*.ckpt"))
+    return (path / ".metadata").is_file() or (path / "meta.pt").is_file() or (path / "checkpoints").is_dir() or any(path.glob("*.ckpt"))
 
 
 def require_tokenizer(pretrained, what: str = "this mode"):

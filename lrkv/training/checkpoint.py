@@ -7,7 +7,8 @@ A *pretrained folder* holds everything needed to use a model:
     tokenizer.json        the tokenizer (JSON), when there is one
 
 `load_pretrained(path)` accepts such a folder, a training run folder (it looks for the exported
-folder and then for the newest checkpoint under `checkpoints/`), or a checkpoint file.
+folder and then for the newest checkpoint under `checkpoints/`), a checkpoint file or sharded
+checkpoint folder, or a local Hugging Face Llama-style folder (lrkv/compress/hf_llama.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder or a checkpoint file")
     folder = find_pretrained_folder(path)
+    if folder is None and is_hf_llama_folder(path):
+        from lrkv.compress.hf_llama import load_hf_llama, load_hf_tokenizer
+
+        model = load_hf_llama(path).to(device=device, dtype=dtype).eval()
+        return Pretrained(model, load_hf_tokenizer(path), path)
     if folder is None:
         from lrkv.training.resume import load_from_training_checkpoint  # Lightning checkpoints
 
@@ -125,6 +131,17 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     load_weights(model, state, folder / WEIGHTS_FILE)
     model.to(device=device, dtype=dtype).eval()
     return Pretrained(model, load_tokenizer(folder), folder)
+
+
+def is_hf_llama_folder(path: Path) -> bool:
+    """A local Hugging Face folder (config.json with `architectures`, safetensors weights)."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file() and any(path.glob("*.safetensors"))):
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
 
 
 def find_pretrained_folder(path: Path) -> Path | None:

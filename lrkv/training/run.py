@@ -157,6 +157,9 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
+    world = world_size_of(trainer_cfg)
+    strategy, plugins = make_strategy(trainer_cfg, world)  # hardware errors first, before any data work
+    precision, fsdp_dtype = resolve_precision(trainer_cfg)
     datamodule = make_datamodule(cfg)
     tokenizer = datamodule.load_tokenizer()
     model_fields = dict(cfg["model"])
@@ -169,10 +172,7 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len")
 
-    world = world_size_of(trainer_cfg)
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
-    strategy, plugins = make_strategy(trainer_cfg, world)
-    precision, fsdp_dtype = resolve_precision(trainer_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(run_dir / "tokenizer.json"))  # (atomic) so that intermediate checkpoints can be evaluated
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)

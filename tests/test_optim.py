@@ -1,0 +1,109 @@
+"""Optimizers, schedules, activation checkpointing and torch.compile give the intended numbers."""
+
+import math
+import time
+
+import pytest
+import torch
+from helpers import random_model, tiny_config
+
+from lrkv import ConfigError, Transformer
+from lrkv.training.optim import MuonAdamW, build_optimizer, lr_factor, newton_schulz, param_groups
+
+
+def test_cosine_and_wsd_schedules():
+    cos = dict(schedule="cosine", warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, **cos) == pytest.approx(0.1) and lr_factor(9, **cos) == pytest.approx(1.0)
+    assert lr_factor(60, **cos) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_factor(110, **cos) == pytest.approx(0.1) and lr_factor(500, **cos) == pytest.approx(0.1)
+    wsd = dict(schedule="wsd", warmup_steps=10, total_steps=100, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, **wsd) == 1.0 and lr_factor(79, **wsd) == 1.0
+    assert lr_factor(90, **wsd) == pytest.approx(0.5) and lr_factor(100, **wsd) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="optim.schedule='linear'"):
+        lr_factor(20, schedule="linear", warmup_steps=10, total_steps=100)
+
+
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(3, 48, 32, dtype=torch.float64)  # batched (e.g. LRKV's per-head B), tall
+    o = newton_schulz(g, steps=5)
+    singular = torch.linalg.svdvals(o)
+    assert singular.min() > 0.6 and singular.max() < 1.25  # Muon's quintic lands near 1, not exactly
+    # the orthogonal factor keeps the singular vectors: o ~ U V^T
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), o.flatten(), dim=0) > 0.95
+
+
+def test_adamw_groups_equal_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = MuonAdamW([dict(params=[a], lr=0.01, weight_decay=0.1)], betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(5):
+        g = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_paper_split_puts_matrices_in_muon_and_scales_adam_lrs():
+    model = Transformer(tiny_config("lrkv", d_model=192))
+    groups = {g["name"]: g for g in param_groups(model, matrix_lr=0.02, embed_lr=0.2, head_lr=0.004, scalar_lr=0.004,
+                                                    weight_decay=0.0, muon=True, width_scale=True)}
+    assert groups["matrix"]["use_muon"] and not groups["embed"].get("use_muon")
+    assert groups["embed"]["lr"] == pytest.approx(0.2 * (192 / 768) ** -0.5)
+    assert groups["head"]["lr"] == pytest.approx(0.004 * 2.0)
+    n_matrix = sum(p.numel() for p in groups["matrix"]["params"])
+    assert n_matrix == sum(p.numel() for p in model.blocks.parameters() if p.dim() >= 2)
+    assert any(p.dim() == 3 for p in groups["matrix"]["params"])  # LRKV's per-head B matrices, batched in Muon
+    with pytest.raises(ConfigError, match="optim.name='sgd'"):
+        build_optimizer(model, {"name": "sgd"})
+
+
+def test_muon_training_step_lowers_the_loss():
+    model = random_model("lrkv")
+    model.train()
+    opt = build_optimizer(model, dict(name="muon", matrix_lr=0.02, embed_lr=0.05, head_lr=0.004, scalar_lr=0.004,
+                                      betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0))
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = model.loss(x, x.roll(-1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.5
+
+
+def grads_of(model, x):
+    model.zero_grad()
+    loss = model.loss(x, x.roll(-1, 1))
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = random_model("mla").train()
+    x = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    loss, grads = grads_of(model, x)
+    model.activation_checkpointing = True
+    loss_ac, grads_ac = grads_of(model, x)
+    assert loss_ac == loss
+    for name in grads:
+        torch.testing.assert_close(grads_ac[name], grads[name], atol=1e-6, rtol=0)
+
+
+def test_compiled_blocks_match_eager():
+    model = random_model("lrkv").train()
+    x = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
+    loss, grads = grads_of(model, x)
+    for block in model.blocks:
+        block.compile()
+    start = time.time()
+    loss_c, grads_c = grads_of(model, x)
+    assert math.isclose(loss_c, loss, abs_tol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=1e-4, rtol=1e-4)
+    assert time.time() - start < 300
