@@ -3,6 +3,7 @@
 Thin Hydra entry point; the work is in lrkv.training.run.train. See README.md and configs/train.yaml.
 """
 
+import os
 import sys
 
 import hydra
@@ -31,6 +32,18 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("final_val_loss") if summary else None  # the value a hyperparameter sweep minimises
 
 
+def check_multiprocess_launch(argv: list[str]) -> None:
+    """Under torchrun or srun every process runs this script: they must agree on the run folder, and the
+    default run_name has a timestamp. (Lightning's own launcher passes hydra.run.dir to its children.)"""
+    processes = max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_NTASKS", "1")))
+    named = any(a.startswith(("run_name=", "hydra.run.dir=")) for a in argv)
+    if processes > 1 and not named:
+        from lrkv.cli import fail
+
+        fail(f"{processes} processes were launched: pass run_name=NAME so that they all write the same run folder")
+
+
 if __name__ == "__main__":
+    check_multiprocess_launch(sys.argv[1:])
     precheck(sys.argv[1:], "train")
     main()
