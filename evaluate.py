@@ -134,16 +134,16 @@ def mode_compress(c: dict, out: Path):
         raise ConfigError("mode=compress needs a method: compress=stief or compress=eigen")
     if not c.get("ckpt"):
         raise ConfigError("mode=compress needs ckpt=RUN_DIR (a trained MHA or GQA model)")
-    lm_eval = None
-    if (c.get("lm_eval") or {}).get("tasks"):
-        def lm_eval(pretrained, folder):
-            from lrkv.evaluation.downstream import scores
+    def score_tasks(pretrained, folder):
+        from lrkv.evaluation.downstream import scores
 
-            results, _ = mode_lm_eval({**c, "ckpt": str(folder)}, Path(folder))
-            return scores(results)
+        results, _ = mode_lm_eval({**c, "ckpt": str(folder)}, Path(folder))
+        return scores(results)
+
     loss_opts = {**c["loss"], "batch_size": c["batch_size"]}
     result = compress_checkpoint(c["ckpt"], c["compress"], out, device=c["device"], loss_opts=loss_opts,
-                                 data_cfg=c.get("data"), lm_eval=lm_eval)
+                                 data_cfg=c.get("data"),
+                                 lm_eval=score_tasks if (c.get("lm_eval") or {}).get("tasks") else None)
     return result, report_compression(result, out)
 
 

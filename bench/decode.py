@@ -49,7 +49,6 @@ def bench(kind, context, args, device, dtype) -> dict:
            "prefill_ms": prefill * 1e3, "ms_per_token": seconds * 1e3}
     if kind == "lrkv":
         row["ideal_speedup"] = 1 / (1 / cfg.n_head + cfg.rank / cfg.head_dim)
-    del model, cache
     return row
 
 

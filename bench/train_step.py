@@ -66,7 +66,6 @@ def bench_kind(kind, args, device) -> dict:
     if device.type == "cuda":
         row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    del model, optimizer
     return row
 
 

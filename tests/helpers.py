@@ -37,3 +37,14 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def random_model(kind: str, seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return randomize(Transformer(tiny_config(kind, **overrides)), seed).eval()
+
+
+def decode_in_chunks(model, x, sizes, cache_dtype=torch.float32):
+    """Logits from feeding x through a KV cache in chunks of `sizes` tokens (prefill, then decode)."""
+    cache = model.new_cache(x.shape[0], x.shape[1] + 4, dtype=cache_dtype)
+    outs, start = [], 0
+    for size in sizes:
+        outs.append(model(x[:, start : start + size], cache))
+        start += size
+    assert start == x.shape[1] and cache.length == start
+    return torch.cat(outs, dim=1)

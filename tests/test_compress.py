@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import random_model, tiny_config
+from helpers import decode_in_chunks, random_model, tiny_config
 
 from lrkv import CheckpointError, ConfigError, DataError, ModelConfig, Transformer
 from lrkv.compress import (
@@ -59,15 +59,6 @@ def random_bases(model, k_ranks, v_ranks, seed=0):
     return k, v
 
 
-def decode_in_chunks(model, x, sizes, cache_dtype=torch.float32):
-    cache = model.new_cache(x.shape[0], x.shape[1] + 3, dtype=cache_dtype)
-    outs, start = [], 0
-    for size in sizes:
-        outs.append(model(x[:, start : start + size], cache))
-        start += size
-    return torch.cat(outs, dim=1), cache
-
-
 def one_line(err, *words):
     message = str(err.value)
     assert "\n" not in message, message
@@ -75,13 +66,7 @@ def one_line(err, *words):
         assert word in message, message
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster, and much faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- a tiny trained MHA model, once per session --------------------------------------------------
@@ -138,7 +123,7 @@ def test_full_rank_reproduces_the_original_logits(kind):
         ref = model(x)
         torch.testing.assert_close(compressed(x), ref, atol=ATOL, rtol=0)
         torch.testing.assert_close(eigen(x), ref, atol=ATOL, rtol=0)
-        torch.testing.assert_close(decode_in_chunks(compressed, x, [6] + [1] * 14)[0], ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(decode_in_chunks(compressed, x, [6] + [1] * 14), ref, atol=ATOL, rtol=0)
     assert compressed.cfg.kv_cache_bytes_per_token() == model.cfg.kv_cache_bytes_per_token()
 
 
@@ -152,9 +137,9 @@ def test_compressed_model_equals_projected_model_and_decodes_exactly(kind):
         full = compressed(x)
         assert (reference - model(x)).abs().max() > 1e-2  # the projection does change the model
         torch.testing.assert_close(full, reference, atol=ATOL, rtol=0)
-        decoded, _ = decode_in_chunks(compressed, x, [7] + [1] * 13)
+        decoded = decode_in_chunks(compressed, x, [7] + [1] * 13)
         torch.testing.assert_close(decoded, full, atol=ATOL, rtol=0)
-        chunked, _ = decode_in_chunks(compressed, x, [5, 3, 1, 6, 5])
+        chunked = decode_in_chunks(compressed, x, [5, 3, 1, 6, 5])
         torch.testing.assert_close(chunked, full, atol=ATOL, rtol=0)
     prompt = x[:, :5]
     with_cache = compressed.generate(prompt, 10, cache_dtype=torch.float32)
@@ -517,7 +502,7 @@ def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
         torch.testing.assert_close(full(x), ref, atol=1e-4, rtol=0)
         source, ours = float(model.loss(held[:, :-1], held[:, 1:])), float(compressed.loss(held[:, :-1], held[:, 1:]))
     assert math.isfinite(ours) and abs(ours - source) < 0.5
-    decoded, _ = decode_in_chunks(compressed, x, [10] + [1] * 30)
+    decoded = decode_in_chunks(compressed, x, [10] + [1] * 30)
     with torch.no_grad():
         torch.testing.assert_close(decoded, compressed(x), atol=ATOL, rtol=0)
 

@@ -1,6 +1,6 @@
 """evaluate.py and lrkv.evaluation: every mode through the Hydra entry, checked against direct computations.
 
-lm-eval tests live in tests/test_evaluate_lm_eval.py; the tiny trained runs in tests/test_evaluate_fixtures.py.
+lm-eval tests live in tests/test_evaluate_lm_eval.py; the tiny trained runs in tests/evaluate_fixtures.py.
 """
 
 import importlib.util
@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import random_model, randomize, tiny_config
 from hydra import compose, initialize_config_dir
-from test_evaluate_fixtures import DATA_CFG, corpus_spec, runs  # noqa: F401 - runs is a fixture
+from evaluate_fixtures import DATA_CFG, corpus_spec, runs  # noqa: F401 - runs is a fixture
 
 from lrkv import ConfigError, LrkvError, Transformer, load_model_config
 from lrkv.attention import get_attention_class
@@ -38,13 +38,7 @@ def _load_entry():
 entry = _load_entry()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine two threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def evaluate(out_dir, *overrides):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_evaluate import evaluate
-from test_evaluate_fixtures import runs  # noqa: F401 - fixture
+from evaluate_fixtures import runs  # noqa: F401 - fixture
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,13 +32,7 @@ TASKS = ["lrkv_tiny_mc", "lrkv_tiny_cloze", "lrkv_tiny_rolling", "lrkv_tiny_gen"
 GEN_STOPS = ["\n", "."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine two threads are ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import KINDS, random_model, randomize, tiny_config
+from helpers import KINDS, decode_in_chunks, random_model, randomize, tiny_config
 
 from lrkv import ConfigError, ModelConfig, Transformer, list_presets, load_model_config, param_counts
 from lrkv.attention import get_attention_class, register
@@ -16,16 +16,6 @@ ATOL = 1e-4  # fp32; logits are O(1)
 
 def tokens(b=2, t=20, seed=1, vocab=97):
     return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def decode_in_chunks(model, x, sizes, cache_dtype=torch.float32):
-    cache = model.new_cache(x.shape[0], x.shape[1] + 4, dtype=cache_dtype)
-    outs, start = [], 0
-    for size in sizes:
-        outs.append(model(x[:, start : start + size], cache))
-        start += size
-    assert start == x.shape[1] and cache.length == start
-    return torch.cat(outs, dim=1)
 
 
 def set_lrkv_chunk(model, chunk):

@@ -19,6 +19,7 @@ from torch import nn
 
 from lrkv.cache import LayerCache
 from lrkv.norm import RMSNorm
+from lrkv.rope import apply_rope, rope_cos_sin
 
 
 def linear_std(fan_out: int, fan_in: int) -> float:
@@ -86,6 +87,13 @@ class Attention(nn.Module):
         if not self.cfg.qk_norm:
             return nn.Identity()
         return RMSNorm(self.head_dim, self.cfg.norm_eps, self.cfg.norm_affine)
+
+    def project_queries(self, x: torch.Tensor, positions: torch.Tensor):
+        """q_h = RoPE(norm(x W_Q,h)) of shape (B, T, H, d_h), and the RoPE tables (cos, sin) of these positions."""
+        b, t, _ = x.shape
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+        q = self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim))
+        return apply_rope(q, cos, sin), (cos, sin)
 
     @staticmethod
     def default_positions(x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:

@@ -134,8 +134,7 @@ class CompressedKVAttention(Attention):
         b, t, _ = x.shape
         if positions is None:
             positions = self.default_positions(x, cache)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        q = apply_rope(self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim)), cos, sin)
+        q, _ = self.project_queries(x, positions)
         k_lat, v_lat = self.latents(x)
         key_positions = positions
         if cache is not None:

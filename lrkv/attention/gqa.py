@@ -12,7 +12,7 @@ import torch
 
 from lrkv.cache import LayerCache
 from lrkv.errors import ConfigError
-from lrkv.rope import apply_rope, rope_cos_sin
+from lrkv.rope import apply_rope
 
 from . import register
 from .base import Attention, linear
@@ -58,11 +58,9 @@ class GroupedQueryAttention(Attention):
         b, t, _ = x.shape
         if positions is None:
             positions = self.default_positions(x, cache)
-        q = self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim))
-        k = self.k_norm(self.wk(x).view(b, t, self.kv_heads, self.head_dim))
+        q, (cos, sin) = self.project_queries(x, positions)
+        k = apply_rope(self.k_norm(self.wk(x).view(b, t, self.kv_heads, self.head_dim)), cos, sin)
         v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             kv = cache.append(k=k.to(cache.buffers["k"].dtype), v=v.to(cache.buffers["v"].dtype))
             k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)

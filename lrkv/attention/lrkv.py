@@ -135,8 +135,7 @@ class LowRankKVAttention(Attention):
         b, t, _ = x.shape
         if positions is None:
             positions = self.default_positions(x, cache)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
-        q = apply_rope(self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim)), cos, sin)
+        q, _ = self.project_queries(x, positions)
         if cache is None:
             k, v = self.keys_values(x)
             y = attend(q, self.rope_keys(k, positions), v, backend=self.cfg.attn_backend)

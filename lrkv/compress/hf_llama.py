@@ -92,7 +92,6 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         raise CheckpointError(f"{folder} has no config.json; pass a local Hugging Face Llama folder")
     cfg = llama_model_config(json.loads((folder / "config.json").read_text()), f"hf:{folder.name}")
     hf = read_safetensors(folder)
-    g, h, dh = cfg.kv_heads or cfg.n_head, cfg.n_head, cfg.head_dim
 
     def take(key: str) -> torch.Tensor:
         if key not in hf:

@@ -1,4 +1,4 @@
-"""Tiny trained runs for the evaluation tests (no tests here; imported by tests/test_evaluate*.py).
+"""Tiny trained runs for the evaluation tests (imported by tests/test_evaluate*.py).
 
 `tiny_runs(base)` trains small MHA and LRKV models (2 layers, d=64, a few seconds each):
 160 AdamW steps each on the embedded corpus (pydoc topics) tokenized by a 512-id byte-level BPE,
