@@ -1,6 +1,7 @@
 """The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression study."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,18 @@ def test_a_local_hugging_face_llama_folder_evaluates_and_compresses(trained, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "compress" / "compression.json").read_text())["rows"]
     assert rows[1]["kv_ratio"] <= 0.75 and rows[1]["kv_bytes_per_token"] < rows[0]["kv_bytes_per_token"]
+
+
+def test_compressed_models_are_scored_on_lm_eval_tasks(trained, tmp_path):
+    data = Path(__file__).resolve().parent / "data" / "lm_eval"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text((data / "tiny_mc.yaml").read_text().replace("DATA_DIR", str(data)))
+    out = tmp_path / "out"
+    args = [f"ckpt={trained['mha']}", "compress=eigen", "compress.budget=0.75", "compress.calib.n_seqs=12",
+            "lm_eval.tasks=[lrkv_tiny_mc]", f"lm_eval.include_path={tasks}", "lm_eval.include_defaults=false", f"out_dir={out}"]
+    result = run_script(args, tmp_path, script="evaluate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((out / "compression.json").read_text())["rows"]
+    accuracy = rows[1]["lm_eval"]["lrkv_tiny_mc"]["acc,none"]  # lm-eval names metrics "metric,filter"
+    assert 0.0 <= accuracy <= 1.0
