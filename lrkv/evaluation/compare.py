@@ -67,6 +67,8 @@ def load_run(path: Path) -> dict:
         "final_val_loss": summary.get("final_val_loss", _last(metrics.get("val_loss"))),
         "final_val_bpb": summary.get("final_val_bpb", _last(metrics.get("val_bpb"))),
         "tokens_per_s": summary.get("tokens_per_s"),
+        "method": summary.get("method"), "source": summary.get("source"),  # post-training compressed models
+        "kv_ratio": summary.get("kv_ratio"),
         "metrics": metrics,
     }
     if (run["params"] is None or run["kv_bytes_per_token"] is None) and model_cfg:
@@ -174,12 +176,26 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         files.append(out_dir / fname)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     pts = [(r["kv_bytes_per_token"], r["final_val_loss"], r["name"], i) for i, r in enumerate(runs)
            if r["kv_bytes_per_token"] and r["final_val_loss"] is not None]
-    for cost, loss, name, i in pts:
-        ax.scatter([cost], [loss], color=colors[i % len(colors)], s=40, zorder=3)
+    trained = [p for p in pts if not runs[p[3]].get("method")]
+    for n, (cost, loss, name, i) in enumerate(trained):
+        ax.scatter([cost], [loss], color=colors[n % len(colors)], s=45, zorder=3)
         ax.annotate(name, (cost, loss), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    groups: dict[tuple, list] = {}  # compressed models: one line per (source, method), points labelled by KV ratio
+    for p in pts:
+        run = runs[p[3]]
+        if run.get("method"):
+            groups.setdefault((run.get("source"), run["method"]), []).append(p)
+    for (source, method), group in groups.items():
+        group.sort()
+        ax.plot([g[0] for g in group], [g[1] for g in group], marker="s", ms=4, lw=1.2, ls="--",
+                label=f"{source} + {method} (post-training)")
+        for cost, loss, _, i in group:
+            ratio = runs[i].get("kv_ratio")
+            if ratio:
+                ax.annotate(f"{ratio:.2f}", (cost, loss), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if pts:
         front = pareto_front([(p[0], p[1]) for p in pts])
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="gray", ls=":", lw=1, label="Pareto front")
