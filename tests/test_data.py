@@ -522,8 +522,9 @@ def test_datamodule_hub_sources_need_token_caps(tmp_path):
     one_line_error(e, "val_max_tokens")
     with pytest.raises(ConfigError) as e:
         make_dm(tmp_path, source=hub, val_max_tokens=10**6)
-    one_line_error(e, "max_tokens", "storage=shards")
+    one_line_error(e, "max_tokens", "storage=stream or shards")
     make_dm(tmp_path, source=hub, storage="shards", val_max_tokens=10**6)  # constructs offline
+    make_dm(tmp_path, source=hub, storage="stream", val_documents=5000)
 
 
 def test_datamodule_rank_arguments_and_shards(tmp_path):
@@ -614,3 +615,52 @@ def test_data_modules_import_nothing_of_the_model_and_no_lightning():
                     f"{name} imports {module}"
                 checked += 1
     assert checked > 20
+
+
+# ---- storage=stream: tokenized on the fly ------------------------------------------------------------
+def _stream(docs, tok, rank=0, world=1, **kw):
+    from lrkv.data.stream import StreamLoader
+
+    return StreamLoader(lambda: iter(docs), tok, seq_len=kw.pop("seq_len", 16), batch_size=kw.pop("batch_size", 3),
+                        seed=kw.pop("seed", 1), rank=rank, world_size=world, block_documents=kw.pop("block_documents", 4))
+
+
+def test_stream_resumes_exactly_across_blocks_and_epochs():
+    import itertools
+
+    docs = embedded_documents("topics")[:4]
+    tok = train_bpe(docs, 300)
+    loader = _stream(docs, tok, block_documents=1)
+    batches = list(itertools.islice(loader.iter_batches(), 400))
+    epochs = {b["state"]["epoch"] for b in batches}
+    assert len(epochs) >= 2 and len({b["state"]["block"] for b in batches}) >= 3  # crosses blocks and epochs
+    for cut in (1, 37, 150, 399):
+        state = json.loads(json.dumps(batches[cut - 1]["state"]))  # JSON round trip, as in a checkpoint
+        again = list(itertools.islice(_stream(docs, tok, block_documents=1).iter_batches(state), 3))
+        for a, b in zip(batches[cut : cut + 3], again):
+            assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+    first = batches[0]
+    assert first["input"].shape == (3, 16) and torch.equal(first["input"][:, 1:], first["target"][:, :-1])
+    with pytest.raises(DataError, match="seq_len"):
+        list(itertools.islice(_stream(docs, tok, seq_len=32, block_documents=1).iter_batches(state), 1))
+
+
+def test_stream_ranks_read_their_own_documents():
+    docs = embedded_documents("topics")[:8]
+    tok = train_bpe(docs, 300)
+    for rank in (0, 1):
+        mine = "<|endoftext|>".join(d for d in docs[:8][rank::2])
+        other = "<|endoftext|>".join(d for d in docs[:8][1 - rank::2])
+        batch = next(_stream(docs, tok, rank=rank, world=2, block_documents=4, seq_len=64).iter_batches())
+        text = tok.decode(batch["input"][0].tolist())
+        assert text in mine.replace("<|endoftext|>", "") or text[:40] in mine
+        assert text[:40] not in other
+
+
+def test_val_documents_hold_out_the_head_of_the_stream():
+    spec = CorpusSpec(source="embedded:topics", val_documents=5)
+    val, train = list(iter_documents(spec, "val")), list(iter_documents(spec, "train"))
+    everything = embedded_documents("topics")
+    assert val == everything[:5] and train == everything[5:]
+    with pytest.raises(ConfigError, match="val_documents"):
+        CorpusSpec(source="embedded", val_documents=0)

@@ -84,11 +84,11 @@ class StopAt:
         return _Stop()
 
 
-@pytest.mark.parametrize("storage", ["memory", "shards"])
+@pytest.mark.parametrize("storage", ["memory", "shards", "stream"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(storage, tmp_path, cache_dir):
     steps = 10
     extra = {"train.ckpt_every": 4, "train.val_every": 5, "data.batch_size": 2, "train.batch_tokens": 256,  # accumulation 2
-             "data.storage": storage}
+             "data.storage": storage, "+data.block_documents": 4}
     full = tmp_path / "full"
     train_in_process(tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=steps, **extra), full)
     part = tmp_path / "part"
@@ -283,3 +283,23 @@ def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, cache_di
     assert (run_dir / "checkpoints" / "last.ckpt").resolve() == good
     assert torch.load(good, weights_only=True)["global_step"] == 3
     assert not (run_dir / "checkpoints" / "step-00000006.ckpt").exists()
+
+
+def test_fsdp_resume_of_a_streamed_corpus_restores_every_rank(tmp_path, cache_dir):
+    """storage=stream: each rank has its own stream position; a sharded checkpoint keeps all of them."""
+    args = tiny_overrides(tmp_path, cache_dir, model="mqa_tiny", steps=4, run_name="stream", trainer="cpu_fsdp",
+                          **{"train.ckpt_every": 2, "train.val_every": 0, "train.batch_tokens": 256,
+                             "data.batch_size": 2, "data.storage": "stream", "+data.block_documents": 1,
+                             "data.source": "embedded:docstrings"})  # short documents: ranks' blocks end at different steps
+    result = run_script(args, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "stream"
+    meta = torch.load(run_dir / "checkpoints" / "step-00000002.ckpt" / "meta.pt", weights_only=True)
+    ranks = meta["LMDataModule"]["train"]["ranks"]
+    assert len(ranks) == 2 and ranks[0] != ranks[1]  # one position per rank (they differ: documents differ in length)
+    resume = [a for a in args if not a.startswith("run_name=")]
+    resume += ["run_name=stream_resumed", f"ckpt_path={run_dir / 'checkpoints' / 'step-00000002.ckpt'}"]
+    result = run_script(resume, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = train_losses(tmp_path / "runs" / "stream_resumed")
+    assert resumed == pytest.approx({k: v for k, v in train_losses(run_dir).items() if k > 2}, abs=1e-6)

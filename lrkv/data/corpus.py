@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import glob
 import hashlib
 import os
@@ -67,6 +68,9 @@ class CorpusSpec:
     streaming: read through ``datasets`` streaming (no Arrow copy on disk); False builds the
         Arrow cache, which local files allow and large hub datasets make slow.
     max_documents: read only the first N documents of the source (before the split): small runs.
+    val_documents: hold out the first N documents of the source as validation (training reads the
+        rest) instead of ``val_fraction`` by hash: for streamed corpora, where finding a small hashed
+        fraction would mean reading the whole stream.
     """
 
     source: str = "embedded"
@@ -79,6 +83,7 @@ class CorpusSpec:
     txt_unit: str = "document"
     streaming: bool = True
     max_documents: int | None = None
+    val_documents: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -87,6 +92,8 @@ class CorpusSpec:
             raise ConfigError(f"txt_unit={self.txt_unit!r} is unknown: use 'document' or 'paragraph'")
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError(f"max_documents={self.max_documents} must be >= 1 or None")
+        if self.val_documents is not None and (self.val_documents < 1 or self.val_split is not None):
+            raise ConfigError(f"val_documents={self.val_documents} must be >= 1, and cannot be combined with val_split")
 
 
 def source_kind(source: str) -> str:
@@ -118,6 +125,9 @@ def iter_documents(spec: CorpusSpec, split: str = "train", *,
         docs = _read_source(spec, kind, None, hf_cache_dir)
     if spec.max_documents is not None:
         docs = _take(docs, spec.max_documents)
+    if spec.val_documents is not None:  # held out by position: the head of the stream
+        yield from (_take(docs, spec.val_documents) if split == "val" else itertools.islice(docs, spec.val_documents, None))
+        return
     for text in docs:
         if explicit_val or is_validation(text, spec.val_fraction, spec.split_seed) == (split == "val"):
             yield text

@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from lrkv.data.corpus import CorpusSpec, corpus_key, iter_documents, source_kind
 from lrkv.data.loader import BatchLoader, InMemoryTokens, make_dataloader
 from lrkv.data.shards import load_or_write_shards
+from lrkv.data.stream import StreamLoader, make_stream_dataloader
 from lrkv.data.tokenizer import Tokenizer, load_or_train_bpe, padded_vocab_size, token_byte_lengths
-from lrkv.errors import ConfigError
+from lrkv.errors import ConfigError, DataError
 
-STORAGES = ("memory", "shards")
+STORAGES = ("memory", "shards", "stream")
 
 
 class LMDataModule(L.LightningDataModule):
@@ -47,8 +48,10 @@ class LMDataModule(L.LightningDataModule):
     val_batch_size (default batch_size), val_batches: cap on validation batches per pass.
     seed: order of the training stream (documents and windows per epoch). The split has its own
         ``split_seed`` so that runs with different seeds validate on the same documents.
-    storage: "memory" (tokenize into RAM at setup) or "shards" (tokenize once into memory-mapped
-        files under ``cache_dir``, reused by later runs).
+    storage: "memory" (tokenize into RAM at setup), "shards" (tokenize once into memory-mapped
+        files under ``cache_dir``, reused by later runs) or "stream" (training documents streamed and
+        tokenized on the fly in blocks of ``block_documents`` per rank, see ``lrkv.data.stream``;
+        validation in memory). Stream states are per rank and saved for every rank.
     rank, world_size: data-parallel position; default from torch.distributed when initialised
         (Lightning initialises it before ``setup``), else the trainer, else 0 of 1.
     """
@@ -57,6 +60,7 @@ class LMDataModule(L.LightningDataModule):
                  val_split: str | None = None, text_field: str = "text",
                  txt_unit: str = "document", val_fraction: float = 0.05, split_seed: int = 0,
                  streaming: bool = True, max_documents: int | None = None,
+                 val_documents: int | None = None, block_documents: int = 1024,
                  max_tokens: int | None = None, val_max_tokens: int | None = None,
                  tokenizer: str = "bpe", vocab_size: int = 4096,
                  tokenizer_max_chars: int | None = 100_000_000, seq_len: int = 256,
@@ -67,20 +71,20 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if storage not in STORAGES:
-            raise ConfigError(f"storage={storage!r} is unknown: use 'memory' or 'shards'")
+            raise ConfigError(f"storage={storage!r} is unknown: use 'memory', 'shards' or 'stream'")
         self.spec = CorpusSpec(source=source, name=name, split=split, val_split=val_split,
                                val_fraction=val_fraction, split_seed=split_seed,
                                text_field=text_field, txt_unit=txt_unit, streaming=streaming,
-                               max_documents=max_documents)
+                               max_documents=max_documents, val_documents=val_documents)
         if source_kind(source) == "hub" and max_documents is None:
             # A held-out split by hash is spread over the whole stream: without a cap, collecting
             # it reads the entire dataset. In memory, the training split needs a cap as well.
-            if val_split is None and val_max_tokens is None:
+            if val_split is None and val_max_tokens is None and val_documents is None:
                 raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
-                                  "data.val_max_tokens (e.g. 10000000) or data.val_split")
+                                  "data.val_documents (e.g. 5000), data.val_max_tokens or data.val_split")
             if storage == "memory" and max_tokens is None:
                 raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
-                                  "data.max_tokens to hold it in memory, or use storage=shards")
+                                  "data.max_tokens to hold it in memory, or use storage=stream or shards")
         self.tokenizer: Tokenizer | None = None
         self.token_bytes: torch.Tensor | None = None
         self.train_loader: BatchLoader | None = None
@@ -88,6 +92,7 @@ class LMDataModule(L.LightningDataModule):
         self.rank, self.world_size = rank, world_size
         self._train_start: dict | None = None  # loader state the current train dataloader began at
         self._consumed = 0  # training batches used since then
+        self._stream_state: dict | None = None  # storage=stream: position after the last batch used
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -105,21 +110,36 @@ class LMDataModule(L.LightningDataModule):
         self.tokenizer = self.load_tokenizer()
         self.token_bytes = token_byte_lengths(self.tokenizer)
         hp = self.hparams
-        self.train_loader = BatchLoader(
-            self._token_source("train", self.tokenizer), seq_len=hp.seq_len,
-            batch_size=hp.batch_size, seed=hp.seed, shuffle=True, infinite=True, rank=self.rank,
-            world_size=self.world_size, token_bytes=self.token_bytes)
+        if hp.storage == "stream":
+            self.train_loader = StreamLoader(
+                lambda: iter_documents(self.spec, "train"), self.tokenizer, seq_len=hp.seq_len,
+                batch_size=hp.batch_size, seed=hp.seed, rank=self.rank, world_size=self.world_size,
+                block_documents=hp.block_documents, token_bytes=self.token_bytes)
+        else:
+            self.train_loader = BatchLoader(
+                self._token_source("train", self.tokenizer), seq_len=hp.seq_len,
+                batch_size=hp.batch_size, seed=hp.seed, shuffle=True, infinite=True, rank=self.rank,
+                world_size=self.world_size, token_bytes=self.token_bytes)
         self.val_loader = BatchLoader(
             self._token_source("val", self.tokenizer), seq_len=hp.seq_len,
             batch_size=hp.val_batch_size or hp.batch_size, shuffle=False, infinite=False,
             rank=self.rank, world_size=self.world_size, token_bytes=self.token_bytes,
             max_batches=hp.val_batches)
-        if self._train_start is not None:
+        if self._train_start is not None and not self._streaming:
             self.train_loader.load_state_dict(self._train_start)  # validates a loaded state early
+
+    @property
+    def _streaming(self) -> bool:
+        return self.hparams.storage == "stream"
 
     def train_dataloader(self) -> DataLoader:
         """Infinite stream from the current data position (use ``max_steps`` to stop)."""
         self._require_setup()
+        if self._streaming:
+            start = self._stream_start()
+            self._stream_state = start
+            return make_stream_dataloader(self.train_loader, start, num_workers=self.hparams.num_workers,
+                                          pin_memory=self.hparams.pin_memory)
         self._train_start = self.state_dict()["train"]
         self._consumed = 0
         return make_dataloader(self.train_loader, self._train_start,
@@ -134,18 +154,41 @@ class LMDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Count training batches as they are used (not as they are prefetched)."""
+        if isinstance(batch, dict) and "state" in batch:  # stream batches carry their position
+            batch = dict(batch)
+            state = batch.pop("state")
+            if self.trainer is None or self.trainer.training:
+                self._stream_state = state
+            return batch
         if self.trainer is None or self.trainer.training:
             self._consumed += 1
         return batch
 
     def state_dict(self) -> dict:
-        """``{"train": loader state}``: JSON-serialisable position after the batches used."""
+        """``{"train": loader state}``: JSON-serialisable position after the batches used.
+
+        With storage=stream every rank has its own position: ``{"train": {"kind": "stream", "ranks":
+        [state of rank 0, ...]}}``, gathered from all ranks (Lightning calls this on every rank when it
+        saves a checkpoint)."""
+        if self._streaming:
+            state = self._stream_state or (self._stream_start() if self._train_start else None)
+            state = state or (self.train_loader.initial_state() if self.train_loader else None)
+            if state is None:
+                return {"train": self._train_start} if self._train_start is not None else {}
+            ranks = [state]
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+                ranks = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(ranks, state)
+            return {"train": {"kind": "stream", "ranks": ranks}}
         if self.train_loader is None:
             return {"train": self._train_start} if self._train_start is not None else {}
         return {"train": self.train_loader.state_after(self._consumed, self._train_start)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict.get("train"):
+            return
+        if self._streaming:
+            self._train_start, self._stream_state = dict(state_dict["train"]), None
             return
         self._train_start, self._consumed = dict(state_dict["train"]), 0
         if self.train_loader is not None:
@@ -184,7 +227,7 @@ class LMDataModule(L.LightningDataModule):
         hp = self.hparams
         max_tokens = hp.max_tokens if split == "train" else hp.val_max_tokens
         texts = lambda: iter_documents(self.spec, split)  # noqa: E731
-        if hp.storage == "memory":
+        if hp.storage == "memory" or (hp.storage == "stream" and split == "val"):
             return InMemoryTokens.from_texts(texts(), tokenizer, max_tokens=max_tokens,
                                              shuffle_documents=split == "train", seed=hp.seed)
         key = {"corpus": corpus_key(self.spec), "tokenizer": tokenizer.sha256,
@@ -204,6 +247,19 @@ class LMDataModule(L.LightningDataModule):
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
+
+    def _stream_start(self) -> dict | None:
+        """This rank's saved stream position (None: from the start)."""
+        saved = self._train_start
+        if not saved:
+            return None
+        if saved.get("kind") != "stream":
+            raise DataError("the checkpoint's data state is not a stream position; resume with its data.storage")
+        ranks = saved["ranks"]
+        if len(ranks) != self.world_size:
+            raise DataError(f"the checkpoint's stream positions are for {len(ranks)} process(es), this run has "
+                            f"{self.world_size}; resume data.storage=stream runs with the same number of processes")
+        return ranks[self.rank]
 
     def _require_setup(self) -> None:
         if self.train_loader is None:
