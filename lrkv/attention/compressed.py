@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from lrkv.cache import LayerCache
 from lrkv.errors import ConfigError
 from lrkv.rope import apply_rope, rope_cos_sin
