@@ -6,6 +6,7 @@ with --save appends a JSON record (device, date, command, numbers) to bench/resu
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -77,3 +78,25 @@ def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parser(doc: str, kinds: list[str], *, iters: int, tiny_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: preset size and depth, kinds, timing, device, --tiny, --save."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", help="preset size: tiny, 128m, 512m, 1b, 2b5, 6b3")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth (same width)")
+    p.add_argument("--kinds", default=",".join(kinds))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--save", action="store_true", help="append the result to bench/results/<name>.jsonl")
+    return p
+
+
+def add_ratios(rows: list[dict], baseline: str = "mha", **ratios: tuple[str, bool]) -> None:
+    """For each name=(metric, higher_is_better): row[name] = the row's metric relative to the baseline kind's."""
+    base = next((r for r in rows if r["kind"] == baseline), rows[0])
+    for r in rows:
+        for name, (metric, higher) in ratios.items():
+            r[name] = r[metric] / base[metric] if higher else base[metric] / r[metric]

@@ -12,16 +12,14 @@ MLA decodes with absorbed weights. --layers cuts the depth (same width) to fit l
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from lrkv import Transformer, load_model_config
 
 try:
-    from bench.common import pick_device, print_table, record, sync, timed
+    from bench.common import add_ratios, parser, pick_device, print_table, record, sync, timed
 except ImportError:
-    from common import pick_device, print_table, record, sync, timed
+    from common import add_ratios, parser, pick_device, print_table, record, sync, timed
 
 KINDS = ["mha", "gqa", "mqa", "mla", "lrkv"]
 
@@ -53,17 +51,9 @@ def bench(kind, context, args, device, dtype) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--layers", type=int, default=None)
+    p = parser(__doc__, KINDS, iters=10, tiny_help="CPU smoke size: tiny presets, 2 layers, context 128")
     p.add_argument("--context", default="256,1024")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--kinds", default=",".join(KINDS))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default=None)
-    p.add_argument("--tiny", action="store_true", help="CPU smoke size: tiny presets, 2 layers, context 128")
-    p.add_argument("--save", action="store_true")
     args = p.parse_args(argv)
     if args.tiny:
         args.size, args.layers, args.context, args.warmup, args.iters = "tiny", 2, "128", 1, 3
@@ -72,10 +62,7 @@ def main(argv=None) -> dict:
     rows = []
     for context in (int(c) for c in args.context.split(",")):
         group = [bench(kind, context, args, device, dtype) for kind in args.kinds.split(",")]
-        base = next((r for r in group if r["kind"] == "mha"), group[0])
-        for r in group:
-            r["speedup_vs_mha"] = base["ms_per_token"] / r["ms_per_token"]
-            r["cache_vs_mha"] = r["bytes_per_token"] / base["bytes_per_token"]
+        add_ratios(group, speedup_vs_mha=("ms_per_token", False), cache_vs_mha=("bytes_per_token", True))
         rows += group
     print_table(rows, ["kind", "context", "cache_MiB", "cache_vs_mha", "prefill_ms", "ms_per_token", "speedup_vs_mha", "ideal_speedup"])
     return record("decode", device, rows, vars(args), args.save)

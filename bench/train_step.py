@@ -11,7 +11,6 @@ same process. MFU = Transformer.flops_per_token(seq) x tokens/s / device bf16 pe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
@@ -21,9 +20,9 @@ from lrkv.training.monitor import device_peak_flops
 from lrkv.training.optim import build_optimizer
 
 try:
-    from bench.common import pick_device, print_table, record, timed
+    from bench.common import add_ratios, parser, pick_device, print_table, record, timed
 except ImportError:  # run as a script: python bench/train_step.py
-    from common import pick_device, print_table, record, timed
+    from common import add_ratios, parser, pick_device, print_table, record, timed
 
 KINDS = ["mha", "gqa", "mqa", "mla", "lrkv", "lrkv_folded"]
 OPTIM = dict(name="muon", matrix_lr=0.02, embed_lr=0.2, head_lr=0.004, scalar_lr=0.004, betas=[0.9, 0.95], eps=1e-8,
@@ -70,26 +69,16 @@ def bench_kind(kind, args, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", help="preset size: tiny, 128m, 512m, 1b, 2b5, 6b3")
-    p.add_argument("--layers", type=int, default=None)
+    p = parser(__doc__, KINDS, iters=5, tiny_help="CPU smoke size: tiny presets, 2 layers, batch 2 x 64")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--device", default=None)
-    p.add_argument("--tiny", action="store_true", help="CPU smoke size: tiny presets, 2 layers, batch 2 x 64")
-    p.add_argument("--save", action="store_true")
     args = p.parse_args(argv)
     if args.tiny:
         args.size, args.layers, args.batch, args.seq, args.warmup, args.iters = "tiny", 2, 2, 64, 1, 2
     device = pick_device(args.device)
     rows = [bench_kind(kind, args, device) for kind in args.kinds.split(",")]
-    base = next((r for r in rows if r["kind"] == "mha"), rows[0])
-    for r in rows:
-        r["vs_mha"] = r["tokens_per_s"] / base["tokens_per_s"]
+    add_ratios(rows, vs_mha=("tokens_per_s", True))
     print_table(rows, ["kind", "params_M", "ms_per_step", "tokens_per_s", "vs_mha", "mfu"] + (["peak_mem_GiB"] if device.type == "cuda" else []))
     return record("train_step", device, rows, vars(args), args.save)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from lrkv.errors import ConfigError
-from lrkv.training.checkpoint import atomic_write_text, save_pretrained
+from lrkv.data.utils import atomic_write
+from lrkv.training.checkpoint import save_pretrained
 
 from .allocate import ALLOCATORS, allocate_ranks, check_budget, check_feasible, rank_grid
 from .build import build_compressed
@@ -284,7 +285,7 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profiles = report.get("profiles")
-    atomic_write_text(out_dir / REPORT_FILE, json.dumps({k: v for k, v in report.items() if k != "profiles"}, indent=1))
+    atomic_write(str(out_dir / REPORT_FILE), json.dumps({k: v for k, v in report.items() if k != "profiles"}, indent=1))
     if profiles:
         save_profiles(profiles, out_dir / PROFILES_FILE)
         plot_profiles(profiles, out_dir / PLOT_FILE)

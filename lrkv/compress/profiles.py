@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lrkv.training.checkpoint import atomic_write_text
+from lrkv.data.utils import atomic_write
 
 from .layer import block_error
 
@@ -41,7 +41,7 @@ def layer_profile(block, x, y, bases, ranks: list[int], chunk_rows: int = 8) -> 
 
 def save_profiles(profiles: dict, path: str | Path) -> Path:
     path = Path(path)
-    atomic_write_text(path, json.dumps(profiles, indent=1))
+    atomic_write(str(path), json.dumps(profiles, indent=1))
     return path
 
 

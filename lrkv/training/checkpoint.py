@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrkv.config import ModelConfig
+from lrkv.data.utils import atomic_write
 from lrkv.errors import CheckpointError
 from lrkv.model import Transformer
 
@@ -34,19 +35,6 @@ class Pretrained:
     model: Transformer
     tokenizer: object | None  # lrkv.data.tokenizer.Tokenizer
     path: Path  # the folder (or file) it came from
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
@@ -66,7 +54,7 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None, stat
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(model.cfg.to_dict(), indent=2))
+    atomic_write(str(folder / CONFIG_FILE), json.dumps(model.cfg.to_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(str(folder / TOKENIZER_FILE))
     return folder

@@ -214,6 +214,6 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    from lrkv.training.checkpoint import atomic_write_text
+    from lrkv.data.utils import atomic_write
 
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(str(run_dir / "summary.json"), json.dumps(summary, indent=2))

@@ -133,12 +133,9 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
     """Refuse, in one line, a checkpoint trained with another model shape."""
-    meta = path / "meta.pt" if path.is_dir() else path
-    try:
-        ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}); resume from an earlier one") from None
-    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    from lrkv.training.resume import read_metadata
+
+    saved = (read_metadata(path).get("hyper_parameters") or {}).get("model")
     if not saved:
         return
     ours = model_cfg.to_dict()
@@ -286,6 +283,6 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 def dump_config(cfg: dict, run_dir: Path) -> None:
     """config.yaml: the resolved config this run trained with (model vocabulary included)."""
-    from lrkv.training.checkpoint import atomic_write_text
+    from lrkv.data.utils import atomic_write
 
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write(str(run_dir / "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
