@@ -46,20 +46,35 @@ def mode_loss(c: dict, out: Path):
     run_cfg = read_run_config(run_dir) or {}
     data_cfg = merged(run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None, c.get("data"))
     lc = c["loss"]
-    result = evaluate_checkpoint_loss(pretrained, data_cfg, split=lc["split"], seq_len=lc["seq_len"],
-                                      batch_size=c["batch_size"], max_batches=lc["max_batches"], max_tokens=lc["max_tokens"])
-    result = {"checkpoint": str(pretrained.path), "model": pretrained.model.cfg.name,
-              "attention": pretrained.model.cfg.attention, **result}
-    same_data = not c.get("data") and lc["split"] == "val" and not any(lc[k] for k in ("seq_len", "max_batches", "max_tokens"))
+    result = evaluate_checkpoint_loss(
+        pretrained,
+        data_cfg,
+        split=lc["split"],
+        seq_len=lc["seq_len"],
+        batch_size=c["batch_size"],
+        max_batches=lc["max_batches"],
+        max_tokens=lc["max_tokens"],
+    )
+    result = {
+        "checkpoint": str(pretrained.path),
+        "model": pretrained.model.cfg.name,
+        "attention": pretrained.model.cfg.attention,
+        **result,
+    }
+    same_data = (
+        not c.get("data") and lc["split"] == "val" and not any(lc[k] for k in ("seq_len", "max_batches", "max_tokens"))
+    )
     logged = read_summary(run_dir).get("final_val_loss") if run_dir and same_data else None
     if logged is not None:
         result["logged_final_val_loss"] = logged
     write_json(out / "loss.json", result)
     bpb = f"{result['bpb']:.4f}" if result["bpb"] is not None else "-"
-    text = (f"{result['model']} ({result['attention']}) on {result['source']} [{result['split']}], "
-            f"{result['tokens']:,} tokens / {result['bytes']:,} bytes, seq_len {result['seq_len']}:\n"
-            f"  loss {result['loss']:.4f} nats/token   ppl {result['ppl']:.3f}   bpb {bpb}   "
-            f"({result['tokens_per_s']:,.0f} tokens/s)")
+    text = (
+        f"{result['model']} ({result['attention']}) on {result['source']} [{result['split']}], "
+        f"{result['tokens']:,} tokens / {result['bytes']:,} bytes, seq_len {result['seq_len']}:\n"
+        f"  loss {result['loss']:.4f} nats/token   ppl {result['ppl']:.3f}   bpb {bpb}   "
+        f"({result['tokens_per_s']:,.0f} tokens/s)"
+    )
     if logged is not None:
         text += f"\n  training logged final val_loss {logged:.4f} (same data)"
     return result, text
@@ -71,11 +86,24 @@ def mode_lm_eval(c: dict, out: Path):
 
     e = c["lm_eval"]
     pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
-    results = run_lm_eval(pretrained, e["tasks"] or e["default_tasks"], include_path=e["include_path"], include_defaults=e["include_defaults"],
-                          num_fewshot=e["num_fewshot"], limit=e["limit"], batch_size=c["batch_size"] or 8,
-                          device=c["device"], dtype=c["dtype"], max_length=e["max_length"], max_gen_toks=e["max_gen_toks"],
-                          bootstrap_iters=e["bootstrap_iters"], seed=c["seed"], log_samples=e["log_samples"],
-                          gen_kwargs=e["gen_kwargs"], prefix_eos=e["prefix_eos"])
+    results = run_lm_eval(
+        pretrained,
+        e["tasks"] or e["default_tasks"],
+        include_path=e["include_path"],
+        include_defaults=e["include_defaults"],
+        num_fewshot=e["num_fewshot"],
+        limit=e["limit"],
+        batch_size=c["batch_size"] or 8,
+        device=c["device"],
+        dtype=c["dtype"],
+        max_length=e["max_length"],
+        max_gen_toks=e["max_gen_toks"],
+        bootstrap_iters=e["bootstrap_iters"],
+        seed=c["seed"],
+        log_samples=e["log_samples"],
+        gen_kwargs=e["gen_kwargs"],
+        prefix_eos=e["prefix_eos"],
+    )
     return results, report_lm_eval(results, out)
 
 
@@ -117,9 +145,17 @@ def mode_generate(c: dict, out: Path):
 
     pretrained = load_checkpoint(c["ckpt"], c["device"], c["dtype"])
     prompts = [str(p) for p in c["prompts"]] if c["prompts"] else [str(c["prompt"] or "")]
-    result = generate_text(pretrained, prompts, max_new_tokens=c["max_new_tokens"], temperature=c["temperature"],
-                           top_k=c["top_k"], top_p=c["top_p"], num_samples=c["num_samples"], seed=c["seed"],
-                           cache_dtype=parse_dtype(c["dtype"]))
+    result = generate_text(
+        pretrained,
+        prompts,
+        max_new_tokens=c["max_new_tokens"],
+        temperature=c["temperature"],
+        top_k=c["top_k"],
+        top_p=c["top_p"],
+        num_samples=c["num_samples"],
+        seed=c["seed"],
+        cache_dtype=parse_dtype(c["dtype"]),
+    )
     write_json(out / "samples.json", result)
     return result, report_samples(result)
 
@@ -134,6 +170,7 @@ def mode_compress(c: dict, out: Path):
         raise ConfigError("mode=compress needs a method: compress=stief or compress=eigen")
     if not c.get("ckpt"):
         raise ConfigError("mode=compress needs ckpt=RUN_DIR (a trained MHA or GQA model)")
+
     def score_tasks(pretrained, folder):
         from lrkv.evaluation.downstream import scores
 
@@ -141,14 +178,27 @@ def mode_compress(c: dict, out: Path):
         return scores(results)
 
     loss_opts = {**c["loss"], "batch_size": c["batch_size"]}
-    result = compress_checkpoint(c["ckpt"], c["compress"], out, device=c["device"], loss_opts=loss_opts,
-                                 data_cfg=c.get("data"),
-                                 lm_eval=score_tasks if (c.get("lm_eval") or {}).get("tasks") else None)
+    result = compress_checkpoint(
+        c["ckpt"],
+        c["compress"],
+        out,
+        device=c["device"],
+        loss_opts=loss_opts,
+        data_cfg=c.get("data"),
+        lm_eval=score_tasks if (c.get("lm_eval") or {}).get("tasks") else None,
+    )
     return result, report_compression(result, out)
 
 
-MODES = {"loss": mode_loss, "lm_eval": mode_lm_eval, "footprint": mode_footprint, "compare": mode_compare,
-         "diversity": mode_diversity, "generate": mode_generate, "compress": mode_compress}
+MODES = {
+    "loss": mode_loss,
+    "lm_eval": mode_lm_eval,
+    "footprint": mode_footprint,
+    "compare": mode_compare,
+    "diversity": mode_diversity,
+    "generate": mode_generate,
+    "compress": mode_compress,
+}
 
 
 def resolvable(node: DictConfig, where: str) -> dict:

@@ -17,7 +17,14 @@ import torch
 
 from lrkv import ModelConfig, Transformer
 from lrkv.compress import (
-    StiefOptions, calibrate, eigen_bases, fit_compression, kv_statistics, layer_profile, rank_grid, stief_bases,
+    StiefOptions,
+    calibrate,
+    eigen_bases,
+    fit_compression,
+    kv_statistics,
+    layer_profile,
+    rank_grid,
+    stief_bases,
 )
 from lrkv.data import embedded_documents, encode_documents, pack_documents, train_bpe
 
@@ -29,10 +36,20 @@ def corpus_tokens(vocab: int = 512):
     return tok, stream
 
 
-def train_tiny(stream, n_layer=2, d_model=64, n_head=4, head_dim=16, seq_len=64, steps=300, batch=16, lr=3e-3, seed=0, vocab=512):
+def train_tiny(
+    stream, n_layer=2, d_model=64, n_head=4, head_dim=16, seq_len=64, steps=300, batch=16, lr=3e-3, seed=0, vocab=512
+):
     torch.manual_seed(seed)
-    cfg = ModelConfig(name="mha_micro", attention="mha", n_layer=n_layer, n_head=n_head, d_model=d_model,
-                      head_dim=head_dim, vocab_size=vocab, max_seq_len=seq_len)
+    cfg = ModelConfig(
+        name="mha_micro",
+        attention="mha",
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        max_seq_len=seq_len,
+    )
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     n_train = int(0.9 * len(stream))
@@ -80,26 +97,40 @@ def main():
         e = layer_profile(block, x[n_fit:], y[n_fit:], eig, grid)["kv"]
         s = layer_profile(block, x[n_fit:], y[n_fit:], learned, grid)["kv"]
         for i, r in enumerate(grid):
-            results.append({"layer": layer, "rank": r, "eigen": e["rel_error"][i], "stief": s["rel_error"][i],
-                            "eigen_cos": e["cosine"][i], "stief_cos": s["cosine"][i]})
+            results.append(
+                {
+                    "layer": layer,
+                    "rank": r,
+                    "eigen": e["rel_error"][i],
+                    "stief": s["rel_error"][i],
+                    "eigen_cos": e["cosine"][i],
+                    "stief_cos": s["cosine"][i],
+                }
+            )
     print(f"bases in {time.time() - t1:.1f}s")
     print("layer rank   eigen_err   stief_err   eigen_cos  stief_cos")
     for r in results:
-        print(f"{r['layer']:5d} {r['rank']:4d}  {r['eigen']:.6f}   {r['stief']:.6f}   {r['eigen_cos']:.6f}   {r['stief_cos']:.6f}")
+        print(
+            f"{r['layer']:5d} {r['rank']:4d}  {r['eigen']:.6f}   {r['stief']:.6f}   {r['eigen_cos']:.6f}   {r['stief_cos']:.6f}"
+        )
     held_rows = held[: (len(held) // seq_len) * seq_len][: 32 * seq_len].view(-1, seq_len)
     with torch.no_grad():
         source_loss = float(model.loss(held_rows[:, :-1], held_rows[:, 1:]))
     print(f"held-out loss of the source model: {source_loss:.4f}")
     stief = dict(epochs=args.epochs, patience=3, batch_k=4, batch_v=4, init=args.init)
     for method in ("eigen", "stief"):
-        fit = fit_compression(model, [rows], method=method, budget=args.budget, rank_fractions=[0.25, 0.5, 0.75], stief=stief)
+        fit = fit_compression(
+            model, [rows], method=method, budget=args.budget, rank_fractions=[0.25, 0.5, 0.75], stief=stief
+        )
         for budget in sorted({0.5, args.budget, 0.75}):
             for allocator in ("pareto", "sequential"):
                 c, rep = fit.compress(budget=budget, allocator=allocator)
                 with torch.no_grad():
                     loss = float(c.loss(held_rows[:, :-1], held_rows[:, 1:]))
-                print(f"{method:5s} {allocator:10s} budget {budget:.2f}: kv_ratio {rep['kv_ratio']:.4f} "
-                      f"k {rep['k_ranks']} v {rep['v_ranks']} held-out loss {loss:.4f} (+{loss - source_loss:.4f})")
+                print(
+                    f"{method:5s} {allocator:10s} budget {budget:.2f}: kv_ratio {rep['kv_ratio']:.4f} "
+                    f"k {rep['k_ranks']} v {rep['v_ranks']} held-out loss {loss:.4f} (+{loss - source_loss:.4f})"
+                )
     print(json.dumps(results))
 
 

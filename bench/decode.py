@@ -43,8 +43,14 @@ def bench(kind, context, args, device, dtype) -> dict:
         sync(device)
         prefill = time.perf_counter() - start
         seconds = timed(lambda: model(token, cache), device, warmup=args.warmup, iters=args.iters)
-    row = {"kind": kind, "context": context, "cache_MiB": cache.nbytes() / 2**20, "bytes_per_token": cache.nbytes_per_token(),
-           "prefill_ms": prefill * 1e3, "ms_per_token": seconds * 1e3}
+    row = {
+        "kind": kind,
+        "context": context,
+        "cache_MiB": cache.nbytes() / 2**20,
+        "bytes_per_token": cache.nbytes_per_token(),
+        "prefill_ms": prefill * 1e3,
+        "ms_per_token": seconds * 1e3,
+    }
     if kind == "lrkv":
         row["ideal_speedup"] = 1 / (1 / cfg.n_head + cfg.rank / cfg.head_dim)
     return row
@@ -64,7 +70,19 @@ def main(argv=None) -> dict:
         group = [bench(kind, context, args, device, dtype) for kind in args.kinds.split(",")]
         add_ratios(group, speedup_vs_mha=("ms_per_token", False), cache_vs_mha=("bytes_per_token", True))
         rows += group
-    print_table(rows, ["kind", "context", "cache_MiB", "cache_vs_mha", "prefill_ms", "ms_per_token", "speedup_vs_mha", "ideal_speedup"])
+    print_table(
+        rows,
+        [
+            "kind",
+            "context",
+            "cache_MiB",
+            "cache_vs_mha",
+            "prefill_ms",
+            "ms_per_token",
+            "speedup_vs_mha",
+            "ideal_speedup",
+        ],
+    )
     return record("decode", device, rows, vars(args), args.save)
 
 

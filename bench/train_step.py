@@ -25,8 +25,17 @@ except ImportError:  # run as a script: python bench/train_step.py
     from common import add_ratios, parser, pick_device, print_table, record, timed
 
 KINDS = ["mha", "gqa", "mqa", "mla", "lrkv", "lrkv_folded"]
-OPTIM = dict(name="muon", matrix_lr=0.02, embed_lr=0.2, head_lr=0.004, scalar_lr=0.004, betas=[0.9, 0.95], eps=1e-8,
-             weight_decay=0.0, momentum=0.95)
+OPTIM = dict(
+    name="muon",
+    matrix_lr=0.02,
+    embed_lr=0.2,
+    head_lr=0.004,
+    scalar_lr=0.004,
+    betas=[0.9, 0.95],
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.95,
+)
 
 
 def model_for(kind: str, size: str, layers: int | None, seq: int):
@@ -60,8 +69,13 @@ def bench_kind(kind, args, device) -> dict:
     seconds = timed(step, device, warmup=args.warmup, iters=args.iters)
     tokens_per_s = args.batch * args.seq / seconds
     peak = device_peak_flops(device)
-    row = {"kind": kind, "params_M": model.num_params() / 1e6, "ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s,
-           "mfu": model.flops_per_token(args.seq) * tokens_per_s / peak if peak else None}
+    row = {
+        "kind": kind,
+        "params_M": model.num_params() / 1e6,
+        "ms_per_step": seconds * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token(args.seq) * tokens_per_s / peak if peak else None,
+    }
     if device.type == "cuda":
         row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +93,11 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     rows = [bench_kind(kind, args, device) for kind in args.kinds.split(",")]
     add_ratios(rows, vs_mha=("tokens_per_s", True))
-    print_table(rows, ["kind", "params_M", "ms_per_step", "tokens_per_s", "vs_mha", "mfu"] + (["peak_mem_GiB"] if device.type == "cuda" else []))
+    print_table(
+        rows,
+        ["kind", "params_M", "ms_per_step", "tokens_per_s", "vs_mha", "mfu"]
+        + (["peak_mem_GiB"] if device.type == "cuda" else []),
+    )
     return record("train_step", device, rows, vars(args), args.save)
 
 

@@ -73,4 +73,6 @@ def check_group_choices(argv: list[str]) -> None:
         for choice in value.split(","):  # multirun: model=a,b,c
             if choice and not (group / f"{choice}.yaml").is_file():
                 options = sorted(p.stem for p in group.glob("*.yaml"))
-                fail(f"unknown {key} {choice!r} (no {Path('configs') / key / (choice + '.yaml')}); choose one of: {', '.join(options)}")
+                fail(
+                    f"unknown {key} {choice!r} (no {Path('configs') / key / (choice + '.yaml')}); choose one of: {', '.join(options)}"
+                )

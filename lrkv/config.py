@@ -117,16 +117,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown model field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown model field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
         return cls(**data)
 
-    def replace(self, **overrides) -> "ModelConfig":
+    def replace(self, **overrides) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return ModelConfig.from_dict({**self.to_dict(), **overrides})
 

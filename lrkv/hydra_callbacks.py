@@ -18,10 +18,18 @@ from lrkv.cli import run_cli
 
 
 class CompressionStudy(Callback):
-    def __init__(self, methods=("eigen", "stief"), budgets=(0.5, 0.6, 0.7, 0.8, 0.9), options=None,
-                 source_attention: str = "mha", folder: str = "compression_study"):
+    def __init__(
+        self,
+        methods=("eigen", "stief"),
+        budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
+        options=None,
+        source_attention: str = "mha",
+        folder: str = "compression_study",
+    ):
         self.methods, self.budgets = list(methods), list(budgets)
-        self.options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options or {})
+        self.options = (
+            OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options or {})
+        )
         self.source_attention, self.folder = source_attention, folder
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -29,7 +37,15 @@ class CompressionStudy(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         out = sweep_dir / self.folder
-        result = run_cli(lambda: compression_study([sweep_dir], out, methods=self.methods, budgets=self.budgets,
-                                                   options=self.options, source_attention=self.source_attention))
+        result = run_cli(
+            lambda: compression_study(
+                [sweep_dir],
+                out,
+                methods=self.methods,
+                budgets=self.budgets,
+                options=self.options,
+                source_attention=self.source_attention,
+            )
+        )
         print(result["text"])
         print(f"compression study: {out} (compare.md, pareto_kv.png, one folder per compressed model)")

@@ -161,7 +161,9 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
 
     # ---- KV cache and generation ------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, device=None
+    ) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `max_len` tokens (default: max_seq_len)."""
         max_len = max_len or self.cfg.max_seq_len
         device = device or self.embed.weight.device

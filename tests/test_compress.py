@@ -77,8 +77,9 @@ def trained():
     tok = train_bpe(docs, 512)
     stream = torch.from_numpy(pack_documents(encode_documents(tok, docs), tok.eos_id, np.int64))
     torch.manual_seed(0)
-    cfg = ModelConfig(name="mha_micro", attention="mha", n_layer=2, n_head=4, d_model=64, head_dim=16,
-                      vocab_size=512, max_seq_len=SEQ)
+    cfg = ModelConfig(
+        name="mha_micro", attention="mha", n_layer=2, n_head=4, d_model=64, head_dim=16, vocab_size=512, max_seq_len=SEQ
+    )
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     n_train, steps = int(0.9 * len(stream)), 250
@@ -106,7 +107,9 @@ def runs(trained):
     model, rows, _, _ = trained
     out = {}
     for method in ("eigen", "stief"):
-        fit = fit_compression(model, [rows], method=method, budget=0.6, allocator="pareto", rank_fractions=FRACTIONS, stief=STIEF)
+        fit = fit_compression(
+            model, [rows], method=method, budget=0.6, allocator="pareto", rank_fractions=FRACTIONS, stief=STIEF
+        )
         out[method] = (*fit.compress(), fit)
     return out
 
@@ -163,7 +166,11 @@ def test_cache_holds_only_latents_and_bytes_match_the_ratio():
             assert tuple(buffers["k"].shape) == (3, 16, g, rk) and tuple(buffers["v"].shape) == (3, 16, g, rv)
             measured = cache.layers[layer].nbytes() / (3 * 9)
             original = source_cache.layers[layer].nbytes() / (3 * 9)
-            assert measured == g * (rk + rv) * size == type(compressed.blocks[0].attn).layer_cache_elements(compressed.cfg, layer) * size
+            assert (
+                measured
+                == g * (rk + rv) * size
+                == type(compressed.blocks[0].attn).layer_cache_elements(compressed.cfg, layer) * size
+            )
             assert measured == pytest.approx((rk + rv) / (2 * dh) * original, rel=1e-12)
         assert cache.nbytes_per_token() == compressed.cfg.kv_cache_bytes_per_token(dtype)
         ratio = cache.nbytes_per_token() / source_cache.nbytes_per_token()
@@ -196,9 +203,13 @@ def test_a_fresh_compressed_config_builds_trains_and_validates():
     loss.backward()
     assert math.isfinite(loss.item())
     assert cfg.kv_cache_elements_per_token() == 2 * (6 + 4) + 2 * (6 + 8)
-    for options, field in [({"k_ranks": 0, "v_ranks": 4}, "k_ranks"), ({"k_ranks": 4, "v_ranks": 17}, "v_ranks"),
-                           ({"k_ranks": [4], "v_ranks": 4}, "k_ranks"), ({"v_ranks": 4}, "k_ranks"),
-                           ({"k_ranks": 4, "v_ranks": 4, "k_rank": 3}, "k_rank")]:
+    for options, field in [
+        ({"k_ranks": 0, "v_ranks": 4}, "k_ranks"),
+        ({"k_ranks": 4, "v_ranks": 17}, "v_ranks"),
+        ({"k_ranks": [4], "v_ranks": 4}, "k_ranks"),
+        ({"v_ranks": 4}, "k_ranks"),
+        ({"k_ranks": 4, "v_ranks": 4, "k_rank": 3}, "k_rank"),
+    ]:
         with pytest.raises(ConfigError) as err:
             tiny_config("mha").replace(attention="compressed_kv", attn_options=options)
         one_line(err, field)
@@ -228,7 +239,9 @@ def test_calibration_is_bounded_and_streams_block_inputs():
                 assert torch.equal(x, previous)
             previous = y
         h = model.embed_norm(model.embed(calib.tokens))
-        torch.testing.assert_close(model.norm(previous), model.norm(model.blocks[1](model.blocks[0](h))), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.norm(previous), model.norm(model.blocks[1](model.blocks[0](h))), atol=1e-5, rtol=0
+        )
     with pytest.raises(DataError) as err:
         calibrate(model, [tokens(b=2, t=16, vocab=500)])
     one_line(err, "vocabulary")
@@ -239,7 +252,9 @@ def test_calibration_batches_from_the_embedded_corpus_and_a_local_file(trained, 
     batches = calibration_batches(tok, source="embedded:topics", n_seqs=10, seq_len=32, batch_size=4)
     assert [tuple(b.shape) for b in batches] == [(4, 32), (4, 32), (2, 32)]
     text = tmp_path / "wiki.train.txt"  # WikiText-2 layout (wiki.train.raw saved as .txt): blank-line paragraphs
-    text.write_text("\n\n".join(f" = Section {i} = \n Some text about topic {i} , and more words ." for i in range(200)))
+    text.write_text(
+        "\n\n".join(f" = Section {i} = \n Some text about topic {i} , and more words ." for i in range(200))
+    )
     local = calibration_batches(tok, source=str(text), n_seqs=6, seq_len=32, batch_size=6)
     assert tuple(local[0].shape) == (6, 32) and int(local[0].max()) < tok.vocab_size
     with pytest.raises(DataError) as err:
@@ -272,8 +287,10 @@ def test_stief_error_is_at_most_eigen_error_at_every_rank(runs):
     print("\nlayer rank  eigen_rel_err  stief_rel_err  eigen_cos  stief_cos")
     for e, s in zip(eigen["layers"], stief["layers"]):
         for i, r in enumerate(eigen["ranks"]):
-            print(f"{e['layer']:5d} {r:4d}  {e['kv']['rel_error'][i]:.6f}  {s['kv']['rel_error'][i]:.6f}  "
-                  f"{e['kv']['cosine'][i]:.6f}  {s['kv']['cosine'][i]:.6f}")
+            print(
+                f"{e['layer']:5d} {r:4d}  {e['kv']['rel_error'][i]:.6f}  {s['kv']['rel_error'][i]:.6f}  "
+                f"{e['kv']['cosine'][i]:.6f}  {s['kv']['cosine'][i]:.6f}"
+            )
     for e, s in zip(eigen["layers"], stief["layers"]):
         for part in ("k", "v", "kv"):
             for i, r in enumerate(eigen["ranks"][:-1]):
@@ -281,32 +298,48 @@ def test_stief_error_is_at_most_eigen_error_at_every_rank(runs):
             # and strictly better somewhere: training did move the bases away from the SVD start
         assert min(a - b for a, b in zip(e["kv"]["rel_error"][:-1], s["kv"]["rel_error"][:-1])) > 0
     training = runs["stief"][1]["stief_training"]
-    assert all(info["best_val"] < info["init_val"] for layer in training for key, info in layer.items() if key != "layer")
+    assert all(
+        info["best_val"] < info["init_val"] for layer in training for key, info in layer.items() if key != "layer"
+    )
 
 
 def test_stief_from_a_random_start_learns_a_good_basis(trained):
     """init=random: no SVD start, the MLP->QR basis is learned from scratch and gets near EigenAttention."""
     model, rows, _, _ = trained
-    _, rand = compress_model(model, [rows], method="stief", k_ranks=8, v_ranks=8,
-                             stief={**STIEF, "init": "random", "epochs": 12, "patience": 12})
+    _, rand = compress_model(
+        model,
+        [rows],
+        method="stief",
+        k_ranks=8,
+        v_ranks=8,
+        stief={**STIEF, "init": "random", "epochs": 12, "patience": 12},
+    )
     _, eig = compress_model(model, [rows], method="eigen", k_ranks=8, v_ranks=8)
     _, none = compress_model(model, [rows], method="eigen", k_ranks=16, v_ranks=16)
     for r, e in zip(rand["layer_errors"], eig["layer_errors"]):
         print(f"layer {r['layer']}: random-start stief {r['rel_error']:.5f}, eigen {e['rel_error']:.5f}")
         assert r["rel_error"] < 1.25 * e["rel_error"]
         info = rand["stief_training"][r["layer"]]
-        assert info["k8"]["best_val"] < 0.75 * info["k8"]["init_val"] and info["v8"]["best_val"] < 0.75 * info["v8"]["init_val"]
+        assert (
+            info["k8"]["best_val"] < 0.75 * info["k8"]["init_val"]
+            and info["v8"]["best_val"] < 0.75 * info["v8"]["init_val"]
+        )
     assert all(e["rel_error"] < 1e-6 for e in none["layer_errors"])
 
 
 def test_compress_model_report_and_budget(runs, trained):
     model, _, held, _ = trained
     for method, (compressed, report, _) in runs.items():
-        assert report["kv_ratio"] <= 0.6 and report["kv_ratio"] == compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token()
+        assert (
+            report["kv_ratio"] <= 0.6
+            and report["kv_ratio"] == compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token()
+        )
         assert compressed.cfg.attn_options["method"] == method and compressed.cfg.attn_options["budget"] == 0.6
         with torch.no_grad():
             source, ours = model.loss(held[:, :-1], held[:, 1:]), compressed.loss(held[:, :-1], held[:, 1:])
-        print(f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), ranks k {report['k_ranks']} v {report['v_ranks']}")
+        print(
+            f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), ranks k {report['k_ranks']} v {report['v_ranks']}"
+        )
         assert float(source) <= float(ours) < float(source) + 0.2
         assert report["held_out_loss"]["compressed"] >= report["held_out_loss"]["source"] - 1e-3
 
@@ -319,10 +352,21 @@ def test_one_fit_serves_every_budget_and_a_sweep_saves_models(runs, trained, tmp
             compressed, report = fit.compress(budget=budget, allocator=allocator)
             expected = allocate_ranks(fit.profiles, budget, allocator)
             assert (report["k_ranks"], report["v_ranks"]) == (expected.k_ranks, expected.v_ranks)
-            assert compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token() == report["kv_ratio"] <= budget
+            assert (
+                compressed.cfg.kv_cache_bytes_per_token() / model.cfg.kv_cache_bytes_per_token()
+                == report["kv_ratio"]
+                <= budget
+            )
             assert compressed.cfg.name == f"mha_micro+stief@{budget:g}"
-    summary = compress_sweep(model, [rows], methods=("eigen",), budgets=(0.5, 0.75), out_dir=tmp_path,
-                             tokenizer=tok, rank_fractions=FRACTIONS)
+    summary = compress_sweep(
+        model,
+        [rows],
+        methods=("eigen",),
+        budgets=(0.5, 0.75),
+        out_dir=tmp_path,
+        tokenizer=tok,
+        rank_fractions=FRACTIONS,
+    )
     assert [(r["method"], r["budget"]) for r in summary] == [("eigen", 0.5), ("eigen", 0.75)]
     for row in summary:
         loaded = load_pretrained(row["folder"]).model
@@ -382,9 +426,13 @@ def test_config_files_map_to_compress_options_and_run(name, trained, tmp_path):
     CompressConfig.from_dict(options)
     assert options["method"] == name and options["calib"]["source"] == "embedded"
     model, _, _, tok = trained
-    small = {**options, "rank_fractions": FRACTIONS, "budget": 0.7,
-             "calib": {**options["calib"], "n_seqs": 16, "source": "embedded:topics"},
-             "stief": {**options["stief"], "epochs": 2, "batch_k": 4} if name == "stief" else {}}
+    small = {
+        **options,
+        "rank_fractions": FRACTIONS,
+        "budget": 0.7,
+        "calib": {**options["calib"], "n_seqs": 16, "source": "embedded:topics"},
+        "stief": {**options["stief"], "epochs": 2, "batch_k": 4} if name == "stief" else {},
+    }
     compressed, report = compress_model(model, tokenizer=tok, out_dir=tmp_path, **small)
     assert report["calibration"] == {"sequences": 16, "seq_len": SEQ, "fit_sequences": 14, "eval_sequences": 2}
     assert report["kv_ratio"] <= 0.7 and (tmp_path / "profiles.png").is_file()
@@ -425,8 +473,12 @@ def check_allocation(alloc, profiles, budget):
 @pytest.mark.parametrize("method", ["pareto", "sequential"])
 @pytest.mark.parametrize("budget", [0.25, 0.3, 0.55, 0.6, 0.71, 0.8, 0.95, 1.0])
 def test_allocation_respects_the_budget_exactly(method, budget, runs):
-    for profiles in (synthetic_profiles(), synthetic_profiles(n_layer=7, dh=32, fractions=(0.5, 0.6, 0.7, 0.8, 0.9), seed=3),
-                     synthetic_profiles(n_layer=5, seed=4, monotone=False), runs["stief"][1]["profiles"]):
+    for profiles in (
+        synthetic_profiles(),
+        synthetic_profiles(n_layer=7, dh=32, fractions=(0.5, 0.6, 0.7, 0.8, 0.9), seed=3),
+        synthetic_profiles(n_layer=5, seed=4, monotone=False),
+        runs["stief"][1]["profiles"],
+    ):
         smallest = profiles["ranks"][0] / profiles["head_dim"]
         if budget < smallest:
             with pytest.raises(ConfigError) as err:
@@ -444,7 +496,8 @@ def test_pareto_allocation_is_the_weighted_optimum():
         capacity = math.floor(budget * 2 * 3 * 16)
         best = min(
             sum(w * errs[ranks.index(r)] for r, (errs, w) in zip(choice, errors))
-            for choice in itertools.product(ranks, repeat=6) if sum(choice) <= capacity
+            for choice in itertools.product(ranks, repeat=6)
+            if sum(choice) <= capacity
         )
         alloc = allocate_ranks(profiles, budget, "pareto")
         chosen = [r for pair in zip(alloc.k_ranks, alloc.v_ranks) for r in pair]
@@ -456,7 +509,9 @@ def test_sequential_allocation_equalises_the_error_target():
     profiles = synthetic_profiles(n_layer=4, seed=1)
     alloc = allocate_ranks(profiles, 0.6, "sequential")
     loose = allocate_ranks(profiles, 0.9, "sequential")
-    assert loose.used >= alloc.used and all(a >= b for a, b in zip(loose.k_ranks + loose.v_ranks, alloc.k_ranks + alloc.v_ranks))
+    assert loose.used >= alloc.used and all(
+        a >= b for a, b in zip(loose.k_ranks + loose.v_ranks, alloc.k_ranks + alloc.v_ranks)
+    )
 
 
 def test_layer_weights_favour_early_and_late_layers():
@@ -470,9 +525,18 @@ def test_layer_weights_favour_early_and_late_layers():
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger random weights than the 0.02 init, so that attention is far from uniform
@@ -486,7 +550,12 @@ def llama_dir(tmp_path_factory):
 def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
     folder, hf = llama_dir
     model = load_hf_llama(folder)
-    assert (model.cfg.attention, model.cfg.kv_heads, model.cfg.mlp_hidden, model.cfg.rope_theta) == ("gqa", 2, 176, 500000.0)
+    assert (model.cfg.attention, model.cfg.kv_heads, model.cfg.mlp_hidden, model.cfg.rope_theta) == (
+        "gqa",
+        2,
+        176,
+        500000.0,
+    )
     x = tokens(b=4, t=40, seed=7)
     with torch.no_grad():
         ref = hf(x).logits
@@ -494,8 +563,9 @@ def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
         torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=0)
     calib = [tokens(b=8, t=48, seed=s) for s in range(3)]
     full, _ = compress_model(model, calib, method="eigen", k_ranks=16, v_ranks=16)
-    compressed, report = compress_model(model, calib, method="stief", budget=0.75, rank_fractions=[0.5, 0.75],
-                                        stief={**STIEF, "epochs": 3})
+    compressed, report = compress_model(
+        model, calib, method="stief", budget=0.75, rank_fractions=[0.5, 0.75], stief={**STIEF, "epochs": 3}
+    )
     assert report["kv_ratio"] <= 0.75
     held = tokens(b=6, t=48, seed=99)
     with torch.no_grad():
@@ -521,9 +591,12 @@ def test_hf_folder_tokenizer_uses_its_eos_token(trained, tmp_path):
 def test_unsupported_llama_folders_are_one_line_errors(llama_dir, tmp_path):
     folder, _ = llama_dir
     base = json.loads((folder / "config.json").read_text())
-    for change, word in [({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
-                         ({"attention_bias": True}, "attention_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
-                         ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "Llama")]:
+    for change, word in [
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "Llama"),
+    ]:
         bad = tmp_path / word
         bad.mkdir()
         (bad / "config.json").write_text(json.dumps({**base, **change}))

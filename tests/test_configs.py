@@ -27,8 +27,11 @@ def resolve(cfg):
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)  # as during a real run, so ${hydra:...} resolves
-    plain = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-             for k in cfg if k != "hydra"}  # every interpolation resolves (hydra:, now:, model.*)
+    plain = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }  # every interpolation resolves (hydra:, now:, model.*)
     plain["hydra"] = OmegaConf.to_container(cfg.hydra)
     return plain
 

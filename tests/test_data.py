@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -53,7 +52,8 @@ def take(iterator, n: int) -> list[dict]:
 
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 def first_tokens(batches: list[dict]) -> list[int]:
@@ -77,8 +77,7 @@ def test_split_is_deterministic_disjoint_and_covers_the_corpus(topics):
     assert val == list(iter_documents(TOPICS, "val"))
     assert val and train and not set(train) & set(val)
     assert sorted(train + val) == sorted(topics)
-    other = list(iter_documents(CorpusSpec(source="embedded:topics", val_fraction=0.2,
-                                           split_seed=1), "val"))
+    other = list(iter_documents(CorpusSpec(source="embedded:topics", val_fraction=0.2, split_seed=1), "val"))
     assert other != val  # the split seed changes the held-out set
 
 
@@ -108,7 +107,7 @@ def local_files(tmp_path):
     (tmp_path / "jsonl").mkdir()
     for part in range(2):
         with open(tmp_path / "jsonl" / f"part{part}.jsonl", "w", encoding="utf-8") as f:
-            for d in docs[part * 3:(part + 1) * 3]:
+            for d in docs[part * 3 : (part + 1) * 3]:
                 f.write(json.dumps({"body": d, "id": 1}) + "\n")
     (tmp_path / "parquet").mkdir()
     pq.write_table(pa.table({"text": docs}), tmp_path / "parquet" / "data.parquet")
@@ -136,8 +135,9 @@ def test_local_jsonl_parquet_txt_through_datasets(local_files, streaming):
 
 def test_local_explicit_validation_files(local_files):
     root, docs = local_files
-    spec = CorpusSpec(source=str(root / "jsonl" / "part0.jsonl"),
-                      val_split=str(root / "jsonl" / "part1.jsonl"), text_field="body")
+    spec = CorpusSpec(
+        source=str(root / "jsonl" / "part0.jsonl"), val_split=str(root / "jsonl" / "part1.jsonl"), text_field="body"
+    )
     assert list(iter_documents(spec, "train")) == docs[:3]
     assert list(iter_documents(spec, "val")) == docs[3:]
 
@@ -186,8 +186,7 @@ def test_hub_offline_fails_fast_with_the_fix(monkeypatch, tmp_path, var, streami
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv(var, "1")
-    spec = CorpusSpec(source="hf:HuggingFaceFW/fineweb-edu", name="sample-10BT",
-                      streaming=streaming)
+    spec = CorpusSpec(source="hf:HuggingFaceFW/fineweb-edu", name="sample-10BT", streaming=streaming)
     start = time.monotonic()
     with pytest.raises(DataError) as e:
         next(iter_documents(spec, "train", hf_cache_dir=str(tmp_path)))
@@ -197,11 +196,11 @@ def test_hub_offline_fails_fast_with_the_fix(monkeypatch, tmp_path, var, streami
 
 def test_hub_unreachable_without_offline_flag_does_not_retry(monkeypatch):
     """No offline variable, no network: the TCP probe fails and load_dataset is never called."""
-    import datasets
     import socket
 
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy",
-                "ALL_PROXY", "all_proxy"):
+    import datasets
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
 
     def refuse(*args, **kwargs):
@@ -270,7 +269,7 @@ def test_tokenizer_cache_trains_once_and_reloads(tmp_path, topics):
     load_or_train_bpe(texts, vocab_size=400, cache_dir=str(tmp_path), corpus_key={"other": 1})
     assert len(calls) == 3  # vocab size and corpus are part of the key
     saved = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
-    assert all(f.endswith((".json")) for f in saved)  # JSON only, no pickles, no temp files
+    assert all(f.endswith(".json") for f in saved)  # JSON only, no pickles, no temp files
 
 
 def test_save_load_and_gpt2_vocab_merges_files(tmp_path, tok, topics):
@@ -340,7 +339,7 @@ def test_order_is_deterministic_from_the_seed_and_changes_per_epoch(tok, topics)
     loader = BatchLoader(distinct_source(400), seq_len=8, batch_size=7, seed=3)
     per_epoch = loader.epoch_windows(0)
     firsts = first_tokens(take(iter(loader), 3 * per_epoch // 7))
-    epoch0, epoch1 = firsts[:per_epoch], firsts[per_epoch:2 * per_epoch]
+    epoch0, epoch1 = firsts[:per_epoch], firsts[per_epoch : 2 * per_epoch]
     assert len(set(epoch0)) == per_epoch  # no window repeats within an epoch
     assert epoch0 != epoch1  # a new order (and offset) each epoch
 
@@ -351,8 +350,7 @@ def test_exact_resume_in_memory(tok, topics, where):
 
     def loader():
         source = InMemoryTokens.from_texts(docs, tok, shuffle_documents=True, seed=7)
-        return BatchLoader(source, seq_len=32, batch_size=4, seed=7,
-                           token_bytes=token_byte_lengths(tok))
+        return BatchLoader(source, seq_len=32, batch_size=4, seed=7, token_bytes=token_byte_lengths(tok))
 
     original = loader()
     stream = iter(original)
@@ -396,21 +394,36 @@ def test_resume_with_other_settings_is_refused():
 @pytest.mark.parametrize("infinite", [True, False])
 def test_ranks_see_disjoint_parts_that_cover_the_epoch(infinite):
     world, batch_size = 3, 4
-    per_epoch = BatchLoader(distinct_source(2000), seq_len=16, batch_size=1,
-                            shuffle=infinite).epoch_windows(0)
+    per_epoch = BatchLoader(distinct_source(2000), seq_len=16, batch_size=1, shuffle=infinite).epoch_windows(0)
     seen = []
     for rank in range(world):
-        loader = BatchLoader(distinct_source(2000), seq_len=16, batch_size=batch_size, seed=4,
-                             shuffle=infinite, infinite=infinite, rank=rank, world_size=world)
+        loader = BatchLoader(
+            distinct_source(2000),
+            seq_len=16,
+            batch_size=batch_size,
+            seed=4,
+            shuffle=infinite,
+            infinite=infinite,
+            rank=rank,
+            world_size=world,
+        )
         if infinite:
             batches = take(iter(loader), per_epoch // (batch_size * world))
         else:
             batches = list(loader)
             assert len(batches) == len(loader)
         seen.append(first_tokens(batches))
-        again = BatchLoader(distinct_source(2000), seq_len=16, batch_size=batch_size, seed=4,
-                            shuffle=infinite, infinite=infinite, rank=rank, world_size=world)
-        assert first_tokens(take(iter(again), 2)) == seen[-1][:2 * batch_size]
+        again = BatchLoader(
+            distinct_source(2000),
+            seq_len=16,
+            batch_size=batch_size,
+            seed=4,
+            shuffle=infinite,
+            infinite=infinite,
+            rank=rank,
+            world_size=world,
+        )
+        assert first_tokens(take(iter(again), 2)) == seen[-1][: 2 * batch_size]
     assert len({len(s) for s in seen}) == 1  # every rank runs the same number of batches
     together = [t for s in seen for t in s]
     assert len(set(together)) == len(together)  # disjoint
@@ -422,20 +435,18 @@ def test_ranks_see_disjoint_parts_that_cover_the_epoch(infinite):
 def test_validation_pass_is_finite_repeatable_and_counts_every_byte(tok, topics):
     lengths = token_byte_lengths(tok)
     source = InMemoryTokens.from_texts(topics[:5], tok)
-    loader = BatchLoader(source, seq_len=64, batch_size=3, shuffle=False, infinite=False,
-                         token_bytes=lengths)
+    loader = BatchLoader(source, seq_len=64, batch_size=3, shuffle=False, infinite=False, token_bytes=lengths)
     first, second = list(loader), list(loader)
     assert same_batches(first, second) and len(first) == len(loader)
     assert first[-1]["input"].shape[0] <= 3
     covered = num_windows(source.num_tokens(), 64) * 64
-    targets = torch.from_numpy(source.tokens[1:covered + 1].astype(np.int64))
+    targets = torch.from_numpy(source.tokens[1 : covered + 1].astype(np.int64))
     assert sum(int(b["bytes"].sum()) for b in first) == int(lengths[targets].sum())
     for b in first:
         assert torch.equal(b["bytes"], lengths[b["target"]].sum(dim=1))
     all_bytes = int(lengths[torch.from_numpy(source.tokens.astype(np.int64))].sum())
     assert all_bytes == sum(len(d.encode()) for d in topics[:5])
-    assert len(BatchLoader(source, seq_len=64, batch_size=3, shuffle=False, infinite=False,
-                           max_batches=2)) == 2
+    assert len(BatchLoader(source, seq_len=64, batch_size=3, shuffle=False, infinite=False, max_batches=2)) == 2
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -490,8 +501,15 @@ def test_shards_max_tokens(tmp_path, tok, topics):
 def make_dm(tmp_path, **kwargs):
     from lrkv.data.datamodule import LMDataModule
 
-    settings = dict(source="embedded:topics", vocab_size=512, seq_len=32, batch_size=2,
-                    val_fraction=0.2, cache_dir=str(tmp_path / "cache"), tokenizer_max_chars=200_000)
+    settings = dict(
+        source="embedded:topics",
+        vocab_size=512,
+        seq_len=32,
+        batch_size=2,
+        val_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+        tokenizer_max_chars=200_000,
+    )
     settings.update(kwargs)
     return LMDataModule(**settings)
 
@@ -565,21 +583,27 @@ def test_lightning_checkpoint_resumes_the_data_exactly(tmp_path, num_workers):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def fit(model, dm, ckpt_path=None, callbacks=()):
-        trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, callbacks=list(callbacks),
-                            enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=bool(callbacks), val_check_interval=4,
-                            limit_val_batches=2, default_root_dir=str(tmp_path / "out"))
+        trainer = L.Trainer(
+            max_steps=10,
+            accelerator="cpu",
+            logger=False,
+            callbacks=list(callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=bool(callbacks),
+            val_check_interval=4,
+            limit_val_batches=2,
+            default_root_dir=str(tmp_path / "out"),
+        )
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
 
     dm = make_dm(tmp_path, num_workers=num_workers)
     dm.setup("fit")
     full = Tiny(dm.vocab_size)
-    every6 = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"),
-                                                 every_n_train_steps=6, save_top_k=-1)
+    every6 = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=6, save_top_k=-1)
     fit(full, dm, callbacks=[every6])
     resumed = Tiny(dm.vocab_size)
-    fit(resumed, make_dm(tmp_path, num_workers=num_workers),
-        ckpt_path=str(tmp_path / "ck" / "epoch=0-step=6.ckpt"))
+    fit(resumed, make_dm(tmp_path, num_workers=num_workers), ckpt_path=str(tmp_path / "ck" / "epoch=0-step=6.ckpt"))
     assert len(full.seen) == 10 and resumed.seen == full.seen[6:]
 
 
@@ -609,10 +633,12 @@ def test_data_modules_import_nothing_of_the_model_and_no_lightning():
                 continue
             for module in modules:
                 top = module.split(".")[0]
-                assert top != "lrkv" or module == "lrkv.errors" or module.startswith("lrkv.data"), \
+                assert top != "lrkv" or module == "lrkv.errors" or module.startswith("lrkv.data"), (
                     f"{name} imports {module}"
-                assert top not in ("lightning", "pytorch_lightning") or name == "datamodule.py", \
+                )
+                assert top not in ("lightning", "pytorch_lightning") or name == "datamodule.py", (
                     f"{name} imports {module}"
+                )
                 checked += 1
     assert checked > 20
 
@@ -621,8 +647,16 @@ def test_data_modules_import_nothing_of_the_model_and_no_lightning():
 def _stream(docs, tok, rank=0, world=1, **kw):
     from lrkv.data.stream import StreamLoader
 
-    return StreamLoader(lambda: iter(docs), tok, seq_len=kw.pop("seq_len", 16), batch_size=kw.pop("batch_size", 3),
-                        seed=kw.pop("seed", 1), rank=rank, world_size=world, block_documents=kw.pop("block_documents", 4))
+    return StreamLoader(
+        lambda: iter(docs),
+        tok,
+        seq_len=kw.pop("seq_len", 16),
+        batch_size=kw.pop("batch_size", 3),
+        seed=kw.pop("seed", 1),
+        rank=rank,
+        world_size=world,
+        block_documents=kw.pop("block_documents", 4),
+    )
 
 
 def test_stream_resumes_exactly_across_blocks_and_epochs():
@@ -650,7 +684,7 @@ def test_stream_ranks_read_their_own_documents():
     tok = train_bpe(docs, 300)
     for rank in (0, 1):
         mine = "<|endoftext|>".join(d for d in docs[:8][rank::2])
-        other = "<|endoftext|>".join(d for d in docs[:8][1 - rank::2])
+        other = "<|endoftext|>".join(d for d in docs[:8][1 - rank :: 2])
         batch = next(_stream(docs, tok, rank=rank, world=2, block_documents=4, seq_len=64).iter_batches())
         text = tok.decode(batch["input"][0].tolist())
         assert text in mine.replace("<|endoftext|>", "") or text[:40] in mine

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from evaluate_fixtures import DATA_CFG, corpus_spec, runs  # noqa: F401 - runs is a fixture
 from helpers import random_model, randomize, tiny_config
 from hydra import compose, initialize_config_dir
-from evaluate_fixtures import DATA_CFG, corpus_spec, runs  # noqa: F401 - runs is a fixture
 
 from lrkv import ConfigError, LrkvError, Transformer, load_model_config
 from lrkv.attention import get_attention_class
@@ -63,9 +63,9 @@ def direct_heldout(model, tokenizer, seq_len, max_tokens):
     nats = 0.0
     with torch.no_grad():
         for w in range(windows):
-            chunk = torch.tensor(stream[w * seq_len: w * seq_len + seq_len + 1])[None]
+            chunk = torch.tensor(stream[w * seq_len : w * seq_len + seq_len + 1])[None]
             nats += model.loss(chunk[:, :-1], chunk[:, 1:], reduction="sum").double().item()
-    targets = stream[1: windows * seq_len + 1]
+    targets = stream[1 : windows * seq_len + 1]
     text = tokenizer.decode([t for t in targets if t != tokenizer.eos_id])
     nbytes = len(text.encode("utf-8"))
     n = windows * seq_len
@@ -93,16 +93,23 @@ def test_loss_mode_matches_direct_computation(runs, tmp_path):
 
 
 def test_loss_on_other_data_and_split(runs, tmp_path):
-    pre = evaluate(tmp_path / "a", f"ckpt={runs['mha']}/pretrained", "loss.max_batches=2", "batch_size=4",
-                   "loss.seq_len=32")
+    pre = evaluate(
+        tmp_path / "a", f"ckpt={runs['mha']}/pretrained", "loss.max_batches=2", "batch_size=4", "loss.seq_len=32"
+    )
     assert pre["result"]["tokens"] == 2 * 4 * 32 and pre["result"]["batches"] == 2
     train = evaluate(tmp_path / "b", f"ckpt={runs['mha']}", "loss.split=train", "loss.max_batches=3")
     assert train["result"]["split"] == "train" and train["result"]["batches"] == 3
     # any data config: a local text file instead of the run's corpus
     text = tmp_path / "notes.txt"
     text.write_text("The for statement iterates over a sequence. " * 40)
-    other = evaluate(tmp_path / "c", f"ckpt={runs['mha']}", "data=local", f"data.source={text}", "data.val_fraction=0",
-                     "loss.split=train")  # configs/data/local.yaml's ${model.max_seq_len} is left to the run's value
+    other = evaluate(
+        tmp_path / "c",
+        f"ckpt={runs['mha']}",
+        "data=local",
+        f"data.source={text}",
+        "data.val_fraction=0",
+        "loss.split=train",
+    )  # configs/data/local.yaml's ${model.max_seq_len} is left to the run's value
     assert other["result"]["source"] == str(text) and other["result"]["seq_len"] == DATA_CFG["seq_len"]
     assert other["result"]["bpb"] > 0 and "logged_final_val_loss" not in other["result"]
     with pytest.raises(ConfigError, match="data.source must be set"):
@@ -114,8 +121,9 @@ PRESETS_1B = ["mha_1b", "gqa_1b", "mqa_1b", "mla_1b", "lrkv_1b"]
 
 
 def test_footprint_mode_matches_analytic(tmp_path):
-    out = evaluate(tmp_path, "mode=footprint", f"models=[{','.join(PRESETS_1B)},lrkv_tiny]", "context=2048",
-                   "batch_size=2")
+    out = evaluate(
+        tmp_path, "mode=footprint", f"models=[{','.join(PRESETS_1B)},lrkv_tiny]", "context=2048", "batch_size=2"
+    )
     rows = {r["model"]: r for r in out["result"]}
     mha = load_model_config("mha_1b")
     for name in PRESETS_1B:
@@ -148,10 +156,21 @@ def write_fake_run(folder: Path, name, attention, kv, val_losses, steps=(100, 20
         lines.append(f"{s - 50},{(s - 50) * 1000},{v + 0.2},,,0.01,1.0,1000,,")
         lines.append(f"{s},{s * 1000},{v + 0.1},{v},{v / 2},0.01,1.0,1000,,")
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
-    summary = {"name": name, "model": name, "attention": attention, "params": 1000, "non_embedding_params": 900,
-               "kv_bytes_per_token": kv, "steps": steps[-1], "tokens": steps[-1] * 1000,
-               "final_train_loss": val_losses[-1] + 0.1, "final_val_loss": val_losses[-1],
-               "final_val_bpb": val_losses[-1] / 2, "tokens_per_s": 1000.0, "wall_time_s": 1.0}
+    summary = {
+        "name": name,
+        "model": name,
+        "attention": attention,
+        "params": 1000,
+        "non_embedding_params": 900,
+        "kv_bytes_per_token": kv,
+        "steps": steps[-1],
+        "tokens": steps[-1] * 1000,
+        "final_train_loss": val_losses[-1] + 0.1,
+        "final_val_loss": val_losses[-1],
+        "final_val_bpb": val_losses[-1] / 2,
+        "tokens_per_s": 1000.0,
+        "wall_time_s": 1.0,
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -188,8 +207,7 @@ def test_compare_mode_writes_table_and_plots(runs, tmp_path):
     md = (tmp_path / "compare.md").read_text()
     assert f"target val_loss = {result['target']:.4f}" in md and "| lrkv-tiny |" in md
     # a list of run folders gives the same runs (runs without a checkpoint select mode compare)
-    listed = evaluate(tmp_path / "list", f"runs=[{runs['lrkv']},{runs['mha']}]",
-                      "compare.target=4.0")
+    listed = evaluate(tmp_path / "list", f"runs=[{runs['lrkv']},{runs['mha']}]", "compare.target=4.0")
     assert listed["mode"] == "compare"
     assert [r["steps_to_target"] for r in listed["result"]["runs"]] == [120, 120]
 
@@ -237,8 +255,11 @@ def test_head_maps_are_the_models_projections(kind):
     wq, wk = head_maps(attn)
     b, t, h, dh = 1, 5, model.cfg.n_head, model.cfg.head_dim
     q = attn.wq(x).view(b, t, h, dh)
-    k = attn.keys_values(x)[0] if kind == "lrkv" else attn.wk(x).view(b, t, -1, dh).repeat_interleave(
-        h // attn.kv_heads, dim=2)
+    k = (
+        attn.keys_values(x)[0]
+        if kind == "lrkv"
+        else attn.wk(x).view(b, t, -1, dh).repeat_interleave(h // attn.kv_heads, dim=2)
+    )
     torch.testing.assert_close(torch.einsum("btd,hde->bthe", x.double(), wq), q.double(), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.einsum("btd,hde->bthe", x.double(), wk), k.double(), atol=1e-5, rtol=0)
     # the Gram matrix equals the one of explicitly materialised d x d maps
@@ -280,27 +301,50 @@ def test_decode_stops():
     ref = model.generate(prompt, 10, use_cache=False)[:, 4:].tolist()
     stop = ref[0][3]
     dec = decode(model, prompt, 10, stop_token=stop, should_stop=lambda row, new: row == 1 and len(new) == 2)
-    first = ref[0][:ref[0].index(stop)]
+    first = ref[0][: ref[0].index(stop)]
     assert dec.tokens == [first, ref[1][:2]]
 
 
 def test_generate_mode(runs, tmp_path):
-    out = evaluate(tmp_path, "mode=generate", f"ckpt={runs['lrkv']}", "prompt=The for statement", "temperature=0",
-                   "max_new_tokens=16", "num_samples=2")
+    out = evaluate(
+        tmp_path,
+        "mode=generate",
+        f"ckpt={runs['lrkv']}",
+        "prompt=The for statement",
+        "temperature=0",
+        "max_new_tokens=16",
+        "num_samples=2",
+    )
     (sample,) = out["result"]["samples"]
     p = load_pretrained(runs["lrkv"])
     ids = [p.tokenizer.eos_id] + p.tokenizer.encode("The for statement")
-    ref = p.model.generate(torch.tensor(ids), 16, use_cache=False)[len(ids):].tolist()
+    ref = p.model.generate(torch.tensor(ids), 16, use_cache=False)[len(ids) :].tolist()
     if p.tokenizer.eos_id in ref:
-        ref = ref[:ref.index(p.tokenizer.eos_id)]
+        ref = ref[: ref.index(p.tokenizer.eos_id)]
     assert sample["completions"] == [p.tokenizer.decode(ref)] * 2  # greedy: both samples equal
     assert out["result"]["tokens_per_s"] > 0 and "tokens/s" in out["text"]
     assert json.loads((tmp_path / "samples.json").read_text())["samples"][0]["prompt"] == "The for statement"
-    sampled = evaluate(tmp_path / "s", f"ckpt={runs['lrkv']}", "prompts=[A,B]", "temperature=1.0",
-                       "top_k=20", "top_p=0.9", "max_new_tokens=8", "seed=1")
+    sampled = evaluate(
+        tmp_path / "s",
+        f"ckpt={runs['lrkv']}",
+        "prompts=[A,B]",
+        "temperature=1.0",
+        "top_k=20",
+        "top_p=0.9",
+        "max_new_tokens=8",
+        "seed=1",
+    )
     assert sampled["mode"] == "generate" and len(sampled["result"]["samples"]) == 2  # prompts select the mode
-    again = evaluate(tmp_path / "s2", f"ckpt={runs['lrkv']}", "prompts=[A,B]", "temperature=1.0",
-                     "top_k=20", "top_p=0.9", "max_new_tokens=8", "seed=1")
+    again = evaluate(
+        tmp_path / "s2",
+        f"ckpt={runs['lrkv']}",
+        "prompts=[A,B]",
+        "temperature=1.0",
+        "top_k=20",
+        "top_p=0.9",
+        "max_new_tokens=8",
+        "seed=1",
+    )
     completions = [[s["completions"] for s in r["result"]["samples"]] for r in (sampled, again)]
     assert completions[0] == completions[1]  # seeded sampling repeats
     unconditional = evaluate(tmp_path / "u", "mode=generate", f"ckpt={runs['mha']}", "max_new_tokens=8")
@@ -318,17 +362,20 @@ def corrupt_ckpt(runs, tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["ckpt=/no/such/run"], "does not exist"),
-    (["mode=footprint", "models=[mha_1b,nope_7b]"], "unknown model preset 'nope_7b'"),
-    (["mode=compare", "runs=[/no/such/run]"], "does not exist"),
-    (["mode=bogus", "ckpt=x"], "unknown mode 'bogus'"),
-    (["mode=generate"], "needs a checkpoint"),
-    (["mode=diversity"], "needs a checkpoint"),
-    ([], "nothing to evaluate"),
-    (["mode=compress"], "needs a method"),
-    (["ckpt=x", "compress=eigen"], "checkpoint path x does not exist"),  # the compress group selects the mode
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ckpt=/no/such/run"], "does not exist"),
+        (["mode=footprint", "models=[mha_1b,nope_7b]"], "unknown model preset 'nope_7b'"),
+        (["mode=compare", "runs=[/no/such/run]"], "does not exist"),
+        (["mode=bogus", "ckpt=x"], "unknown mode 'bogus'"),
+        (["mode=generate"], "needs a checkpoint"),
+        (["mode=diversity"], "needs a checkpoint"),
+        ([], "nothing to evaluate"),
+        (["mode=compress"], "needs a method"),
+        (["ckpt=x", "compress=eigen"], "checkpoint path x does not exist"),  # the compress group selects the mode
+    ],
+)
 def test_errors_are_one_line(tmp_path, overrides, message):
     with pytest.raises(LrkvError) as err:
         evaluate(tmp_path, *overrides)
@@ -350,18 +397,36 @@ def test_error_cases_with_files(runs, tmp_path, corrupt_ckpt):
 
 
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "ckpt=/no/such/run", f"out_dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), "ckpt=/no/such/run", f"out_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: checkpoint path /no/such/run does not exist; pass a run folder, "
-                                                "a pretrained folder or a checkpoint file"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: checkpoint path /no/such/run does not exist; pass a run folder, "
+        "a pretrained folder or a checkpoint file"
+    ]
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_cli_end_to_end_footprint(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "mode=footprint", "models=[mha_tiny,lrkv_tiny]",
-                           "context=256", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "evaluate.py"),
+            "mode=footprint",
+            "models=[mha_tiny,lrkv_tiny]",
+            "context=256",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "lrkv_tiny" in proc.stdout and (tmp_path / "footprint.csv").is_file()
     assert (tmp_path / ".hydra" / "config.yaml").is_file()  # outputs land in the Hydra run folder

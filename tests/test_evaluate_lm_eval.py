@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_evaluate import evaluate
 from evaluate_fixtures import runs  # noqa: F401 - fixture
+from test_evaluate import evaluate
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,11 +58,11 @@ def direct_loglikelihood(model, tok, context, continuation, max_length=None):
         context, continuation = context[:-n], context[-n:] + continuation
     if context:
         ctx = tok.encode(context)
-        cont = tok.encode(context + continuation)[len(ctx):]
+        cont = tok.encode(context + continuation)[len(ctx) :]
     else:
         ctx, cont = [], tok.encode(continuation)
-    ids = ([tok.eos_id] + ctx + cont)[-((max_length or model.cfg.max_seq_len) + 1):]
-    logp = F.log_softmax(model(torch.tensor(ids[:-1])[None])[0], dim=-1)[-len(cont):]
+    ids = ([tok.eos_id] + ctx + cont)[-((max_length or model.cfg.max_seq_len) + 1) :]
+    logp = F.log_softmax(model(torch.tensor(ids[:-1])[None])[0], dim=-1)[-len(cont) :]
     target = torch.tensor(cont)
     return logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
 
@@ -79,16 +79,16 @@ def direct_rolling(model, tok, text, window):
         lo = max(0, end - window)
         logp = F.log_softmax(model(torch.tensor(padded[lo:end])[None])[0], dim=-1)
         targets = torch.tensor(toks[start:end])
-        total += logp[start - lo:].gather(-1, targets[:, None]).sum().item()
+        total += logp[start - lo :].gather(-1, targets[:, None]).sum().item()
         start = end
     return total
 
 
 def greedy_without_cache(model, tok, prompt, max_new, stops):
     ids = [tok.eos_id] + tok.encode(prompt)
-    new = model.generate(torch.tensor(ids), max_new, use_cache=False)[len(ids):].tolist()
+    new = model.generate(torch.tensor(ids), max_new, use_cache=False)[len(ids) :].tolist()
     if tok.eos_id in new:
-        new = new[:new.index(tok.eos_id)]
+        new = new[: new.index(tok.eos_id)]
     text = tok.decode(new)
     for s in stops:
         text = text.split(s)[0]
@@ -107,9 +107,13 @@ def test_loglikelihood_equals_direct_sum_of_log_probs(runs, batch_size):
     lm = LrkvLM(checkpoint=str(runs["lrkv"]), batch_size=batch_size, max_length=48)
     model, tok = lm.model, lm.tokenizer
     long_context = "The for statement is used to iterate over the elements of a sequence. " * 8  # > max_length
-    pairs = [("Question: Which keyword defines a function?\nAnswer:", " def"), ("The while statement ", "is used"),
-             ("", "Objects are abstractions for data."), (long_context, " It runs the suite once per item"),
-             ("A", " b c d e f")]
+    pairs = [
+        ("Question: Which keyword defines a function?\nAnswer:", " def"),
+        ("The while statement ", "is used"),
+        ("", "Objects are abstractions for data."),
+        (long_context, " It runs the suite once per item"),
+        ("A", " b c d e f"),
+    ]
     got = lm.loglikelihood([SimpleNamespace(args=p) for p in pairs])
     for (ctx, cont), (score, greedy) in zip(pairs, got):
         ref, ref_greedy = direct_loglikelihood(model, tok, ctx, cont, max_length=48)
@@ -128,12 +132,14 @@ def test_loglikelihood_rolling_equals_direct(runs):
 
 def test_generate_until_with_cache_equals_greedy_without_cache(runs):
     lm = LrkvLM(checkpoint=str(runs["lrkv"]), batch_size=2)
-    reqs = [("The for statement", {"until": ["."], "max_gen_toks": 20}),
-            ("The if statement", {"until": ["."], "max_gen_toks": 20}),  # as many tokens as the first: one batch
-            ("The with statement", {"until": ["."], "max_gen_toks": 20}),  # (batch_size=2: the next batch)
-            ("A", {"until": ["\n"], "max_gen_toks": 15}),
-            ("Objects are abstractions", {"until": ["zzz"], "max_gen_toks": 10, "do_sample": False}),
-            ("The", {"max_gen_toks": 12})]
+    reqs = [
+        ("The for statement", {"until": ["."], "max_gen_toks": 20}),
+        ("The if statement", {"until": ["."], "max_gen_toks": 20}),  # as many tokens as the first: one batch
+        ("The with statement", {"until": ["."], "max_gen_toks": 20}),  # (batch_size=2: the next batch)
+        ("A", {"until": ["\n"], "max_gen_toks": 15}),
+        ("Objects are abstractions", {"until": ["zzz"], "max_gen_toks": 10, "do_sample": False}),
+        ("The", {"max_gen_toks": 12}),
+    ]
     lengths = [len(lm.tok_encode(r[0])) for r in reqs[:3]]
     assert lengths[0] == lengths[1] == lengths[2]
     got = lm.generate_until([SimpleNamespace(args=r) for r in reqs])
@@ -152,7 +158,9 @@ def task_dir(runs, tmp_path_factory):
     p = load_pretrained(runs["lrkv"])
     docs = jsonl(DATA / "tiny_gen.jsonl")
     for i, doc in enumerate(docs):
-        doc["answer"] = greedy_without_cache(p.model, p.tokenizer, doc["prompt"], 12, GEN_STOPS) if i % 2 == 0 else "no."
+        doc["answer"] = (
+            greedy_without_cache(p.model, p.tokenizer, doc["prompt"], 12, GEN_STOPS) if i % 2 == 0 else "no."
+        )
     (folder / "tiny_gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     for yaml_file in DATA.glob("*.yaml"):
         data_dir = folder if yaml_file.stem == "tiny_gen" else DATA
@@ -162,17 +170,24 @@ def task_dir(runs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def harness_results(runs, task_dir):
-    return lm_eval.simple_evaluate(model="lrkv", model_args=f"checkpoint={runs['lrkv']},batch_size=4", tasks=TASKS,
-                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-                                   bootstrap_iters=0, log_samples=False)
+    return lm_eval.simple_evaluate(
+        model="lrkv",
+        model_args=f"checkpoint={runs['lrkv']},batch_size=4",
+        tasks=TASKS,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
+    )
 
 
 def test_multiple_choice_accuracy_equals_hand_computation(runs, harness_results):
     p = load_pretrained(runs["lrkv"])
     acc, acc_norm, docs = 0, 0, jsonl(DATA / "tiny_mc.jsonl")
     for doc in docs:
-        lls = [direct_loglikelihood(p.model, p.tokenizer, f"Question: {doc['question']}\nAnswer:", " " + c)[0]
-               for c in doc["choices"]]
+        lls = [
+            direct_loglikelihood(p.model, p.tokenizer, f"Question: {doc['question']}\nAnswer:", " " + c)[0]
+            for c in doc["choices"]
+        ]
         acc += max(range(len(lls)), key=lambda i: lls[i]) == doc["label"]
         acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["label"]
     res = harness_results["results"]["lrkv_tiny_mc"]
@@ -210,8 +225,14 @@ def test_generation_exact_match_equals_hand_computation(harness_results):
 
 
 def test_lm_eval_mode_through_hydra(runs, task_dir, harness_results, tmp_path):
-    out = evaluate(tmp_path, f"ckpt={runs['lrkv']}", f"lm_eval.tasks=[{','.join(TASKS)}]",  # tasks select lm_eval
-                   f"lm_eval.include_path={task_dir}", "lm_eval.include_defaults=false", "batch_size=2")
+    out = evaluate(
+        tmp_path,
+        f"ckpt={runs['lrkv']}",
+        f"lm_eval.tasks=[{','.join(TASKS)}]",  # tasks select lm_eval
+        f"lm_eval.include_path={task_dir}",
+        "lm_eval.include_defaults=false",
+        "batch_size=2",
+    )
     assert out["mode"] == "lm_eval"
     scores = json.loads((tmp_path / "lm_eval_scores.json").read_text())
     for task in TASKS:
@@ -224,11 +245,21 @@ def test_lm_eval_mode_through_hydra(runs, task_dir, harness_results, tmp_path):
 
 def test_unknown_task_and_bad_include_path(runs, task_dir, tmp_path):
     with pytest.raises(LrkvError, match="unknown lm-eval task 'lrkv_tiny_mcq'; did you mean lrkv_tiny_mc"):
-        evaluate(tmp_path, "mode=lm_eval", f"ckpt={runs['lrkv']}", "lm_eval.tasks=[lrkv_tiny_mcq]",
-                 f"lm_eval.include_path={task_dir}", "lm_eval.include_defaults=false")
+        evaluate(
+            tmp_path,
+            "mode=lm_eval",
+            f"ckpt={runs['lrkv']}",
+            "lm_eval.tasks=[lrkv_tiny_mcq]",
+            f"lm_eval.include_path={task_dir}",
+            "lm_eval.include_defaults=false",
+        )
     with pytest.raises(LrkvError, match="is not a folder"):
-        evaluate(tmp_path, "mode=lm_eval", f"ckpt={runs['lrkv']}", "lm_eval.tasks=[x]",
-                 f"lm_eval.include_path={tmp_path / 'none'}")
+        evaluate(
+            tmp_path,
+            "mode=lm_eval",
+            f"ckpt={runs['lrkv']}",
+            "lm_eval.tasks=[x]",
+            f"lm_eval.include_path={tmp_path / 'none'}",
+        )
     with pytest.raises(LrkvError, match="needs a checkpoint"):
         evaluate(tmp_path, "mode=lm_eval", f"lm_eval.include_path={task_dir}", "lm_eval.include_defaults=false")
-

@@ -95,7 +95,7 @@ def lrkv_as_mqa(lrkv_model):
     state = {}
     for name, value in lrkv_model.state_dict().items():
         name = name.replace("wk_shared", "wk").replace("wv_shared", "wv")
-        if not name.split(".")[-2] in ("uk", "uv") and not name.endswith((".bk", ".bv")):
+        if name.split(".")[-2] not in ("uk", "uv") and not name.endswith((".bk", ".bv")):
             state[name] = value
     mqa.load_state_dict(state)
     return mqa.eval()
@@ -247,7 +247,10 @@ def test_preset_cache_ratios_and_shapes(size):
 def test_paper_cache_ratios_match_design_table():
     expected = {"128m": 0.526, "512m": 0.482, "1b": 0.482, "2b5": 0.485, "6b3": 0.453}
     for size, value in expected.items():
-        ratio = load_model_config(f"lrkv_{size}").kv_cache_bytes_per_token() / load_model_config(f"mha_{size}").kv_cache_bytes_per_token()
+        ratio = (
+            load_model_config(f"lrkv_{size}").kv_cache_bytes_per_token()
+            / load_model_config(f"mha_{size}").kv_cache_bytes_per_token()
+        )
         assert ratio == pytest.approx(value, abs=6e-4)
 
 
@@ -279,7 +282,9 @@ def test_flops_per_token_formula():
 
 
 def test_lrkv_init_residual_ratio():
-    model = Transformer(ModelConfig(attention="lrkv", n_layer=1, n_head=4, d_model=256, head_dim=64, rank=16, vocab_size=64))
+    model = Transformer(
+        ModelConfig(attention="lrkv", n_layer=1, n_head=4, d_model=256, head_dim=64, rank=16, vocab_size=64)
+    )
     attn = model.blocks[0].attn
     u = attn.uk.weight.view(4, 16, 256)
     with torch.no_grad():

@@ -49,8 +49,19 @@ def test_adamw_groups_equal_torch_adamw():
 
 def test_paper_split_puts_matrices_in_muon_and_scales_adam_lrs():
     model = Transformer(tiny_config("lrkv", d_model=192))
-    groups = {g["name"]: g for g in param_groups(model, matrix_lr=0.02, embed_lr=0.2, head_lr=0.004, scalar_lr=0.004,
-                                                    weight_decay=0.0, muon=True, width_scale=True)}
+    groups = {
+        g["name"]: g
+        for g in param_groups(
+            model,
+            matrix_lr=0.02,
+            embed_lr=0.2,
+            head_lr=0.004,
+            scalar_lr=0.004,
+            weight_decay=0.0,
+            muon=True,
+            width_scale=True,
+        )
+    }
     assert groups["matrix"]["use_muon"] and not groups["embed"].get("use_muon")
     assert groups["embed"]["lr"] == pytest.approx(0.2 * (192 / 768) ** -0.5)
     assert groups["head"]["lr"] == pytest.approx(0.004 * 2.0)
@@ -64,8 +75,19 @@ def test_paper_split_puts_matrices_in_muon_and_scales_adam_lrs():
 def test_muon_training_step_lowers_the_loss():
     model = random_model("lrkv")
     model.train()
-    opt = build_optimizer(model, dict(name="muon", matrix_lr=0.02, embed_lr=0.05, head_lr=0.004, scalar_lr=0.004,
-                                      betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0))
+    opt = build_optimizer(
+        model,
+        dict(
+            name="muon",
+            matrix_lr=0.02,
+            embed_lr=0.05,
+            head_lr=0.004,
+            scalar_lr=0.004,
+            betas=[0.9, 0.95],
+            eps=1e-8,
+            weight_decay=0.0,
+        ),
+    )
     x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(8):

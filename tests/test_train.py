@@ -30,7 +30,9 @@ def cache_dir(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_trains_and_exports(kind, tmp_path, cache_dir):
     steps = 12
-    overrides = tiny_overrides(tmp_path, cache_dir, model=f"{kind}_tiny", steps=steps, **{"train.val_every": 6, "train.ckpt_every": 6})
+    overrides = tiny_overrides(
+        tmp_path, cache_dir, model=f"{kind}_tiny", steps=steps, **{"train.val_every": 6, "train.ckpt_every": 6}
+    )
     run_dir = tmp_path / "run"
     summary = train_in_process(overrides, run_dir)
     losses = train_losses(run_dir)
@@ -43,11 +45,16 @@ def test_each_kind_trains_and_exports(kind, tmp_path, cache_dir):
     assert summary["attention"] == kind and summary["steps"] == steps and summary["tokens"] == steps * 512
     assert summary["kv_bytes_per_token"] == compose_cfg_kv_bytes(overrides)
     assert (run_dir / "loss.png").stat().st_size > 1000
-    assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+    assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == pytest.approx(
+        summary["final_val_loss"]
+    )
     # the exported model reproduces the validation loss it was logged with
     pretrained = load_pretrained(run_dir)
     assert pretrained.model.cfg.attention == kind and pretrained.tokenizer is not None
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")) == ["step-00000006.ckpt", "step-00000012.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")) == [
+        "step-00000006.ckpt",
+        "step-00000012.ckpt",
+    ]
     assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "step-00000012.ckpt"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code needed
     assert ckpt["global_step"] == steps and "LMDataModule" in ckpt
@@ -87,8 +94,14 @@ class StopAt:
 @pytest.mark.parametrize("storage", ["memory", "shards", "stream"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(storage, tmp_path, cache_dir):
     steps = 10
-    extra = {"train.ckpt_every": 4, "train.val_every": 5, "data.batch_size": 2, "train.batch_tokens": 256,  # accumulation 2
-             "data.storage": storage, "+data.block_documents": 4}
+    extra = {
+        "train.ckpt_every": 4,
+        "train.val_every": 5,
+        "data.batch_size": 2,
+        "train.batch_tokens": 256,  # accumulation 2
+        "data.storage": storage,
+        "+data.block_documents": 4,
+    }
     full = tmp_path / "full"
     train_in_process(tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=steps, **extra), full)
     part = tmp_path / "part"
@@ -166,16 +179,34 @@ def test_cli_errors_are_one_line(tmp_path, cache_dir):
 def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, cache_dir):
     """2 CPU processes (gloo) with FSDP2 + Muon == 1 process with the same global batch; sharded resume is exact."""
     common = {"train.ckpt_every": 2, "train.val_every": 2, "train.batch_tokens": 512}
-    fsdp = tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=4, run_name="fsdp", trainer="cpu_fsdp",
-                          **common, **{"data.batch_size": 2})  # 2 x 2 rows x 64 tokens, accumulation 2
+    fsdp = tiny_overrides(
+        tmp_path,
+        cache_dir,
+        model="lrkv_tiny",
+        steps=4,
+        run_name="fsdp",
+        trainer="cpu_fsdp",
+        **common,
+        **{"data.batch_size": 2},
+    )  # 2 x 2 rows x 64 tokens, accumulation 2
     result = run_script(fsdp, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     fsdp_dir = tmp_path / "runs" / "fsdp"
     assert (fsdp_dir / "checkpoints" / "step-00000002.ckpt").is_dir()  # sharded: a folder of per-rank files
 
     single_dir = tmp_path / "single"
-    train_in_process(tiny_overrides(tmp_path, cache_dir, model="lrkv_tiny", steps=4, run_name="single", **common,
-                                    **{"data.batch_size": 4, "trainer": "cpu"}), single_dir)
+    train_in_process(
+        tiny_overrides(
+            tmp_path,
+            cache_dir,
+            model="lrkv_tiny",
+            steps=4,
+            run_name="single",
+            **common,
+            **{"data.batch_size": 4, "trainer": "cpu"},
+        ),
+        single_dir,
+    )
     assert train_losses(fsdp_dir) == pytest.approx(train_losses(single_dir), abs=2e-5)
     assert val_losses(fsdp_dir) == pytest.approx(val_losses(single_dir), abs=2e-5)
     exported_fsdp, exported_single = load_pretrained(fsdp_dir).model, load_pretrained(single_dir).model
@@ -209,8 +240,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
     steps = 40
     args = tiny_overrides(tmp_path, cache_dir, steps=steps, **{"train.ckpt_every": 100, "train.val_every": 0})
     run_dir = tmp_path / "runs" / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not ((run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= 3):
         time.sleep(0.2)
@@ -232,7 +269,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
 
 
 def test_multirun_sweeps_kinds_and_ranks(tmp_path, cache_dir):
-    args = [a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if not a.startswith("model=")]
+    args = [
+        a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if not a.startswith("model=")
+    ]
     result = run_script(["-m", "model=mha_tiny,lrkv_tiny", *args], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "multirun").glob("*/*") if (p / "summary.json").exists())
@@ -287,10 +326,23 @@ def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, cache_di
 
 def test_fsdp_resume_of_a_streamed_corpus_restores_every_rank(tmp_path, cache_dir):
     """storage=stream: each rank has its own stream position; a sharded checkpoint keeps all of them."""
-    args = tiny_overrides(tmp_path, cache_dir, model="mqa_tiny", steps=4, run_name="stream", trainer="cpu_fsdp",
-                          **{"train.ckpt_every": 2, "train.val_every": 0, "train.batch_tokens": 256,
-                             "data.batch_size": 2, "data.storage": "stream", "+data.block_documents": 1,
-                             "data.source": "embedded:docstrings"})  # short documents: ranks' blocks end at different steps
+    args = tiny_overrides(
+        tmp_path,
+        cache_dir,
+        model="mqa_tiny",
+        steps=4,
+        run_name="stream",
+        trainer="cpu_fsdp",
+        **{
+            "train.ckpt_every": 2,
+            "train.val_every": 0,
+            "train.batch_tokens": 256,
+            "data.batch_size": 2,
+            "data.storage": "stream",
+            "+data.block_documents": 1,
+            "data.source": "embedded:docstrings",
+        },
+    )  # short documents: ranks' blocks end at different steps
     result = run_script(args, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "stream"

@@ -13,7 +13,16 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 def tiny_overrides(out: Path, cache: Path, model: str = "mha_tiny", steps: int = 6, **extra) -> list[str]:
@@ -66,9 +75,17 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def run_script(args: list[str], cwd: Path, timeout: int = 300, script: str = "train.py", **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=clean_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(
+    args: list[str], cwd: Path, timeout: int = 300, script: str = "train.py", **env
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_rows(path: Path) -> list[dict]:

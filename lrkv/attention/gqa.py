@@ -52,7 +52,9 @@ class GroupedQueryAttention(Attention):
 
     def new_cache(self, batch_size, max_len, device=None, dtype=torch.bfloat16) -> LayerCache:
         shape = (batch_size, max_len, self.kv_heads, self.head_dim)
-        return LayerCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+        return LayerCache(
+            k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype)
+        )
 
     def forward(self, x, cache=None, positions=None):
         b, t, _ = x.shape

@@ -102,7 +102,9 @@ class LowRankKVAttention(Attention):
         """Shared k_s, v_s (B, T, d_h) and per-head latents R_K, R_V (B, T, H, r) from one GEMM."""
         b, t, _ = x.shape
         w = torch.cat([self.wk_shared.weight, self.wv_shared.weight, self.uk.weight, self.uv.weight])
-        k_s, v_s, r_k, r_v = F.linear(x, w).split([self.head_dim, self.head_dim, self.n_head * self.rank, self.n_head * self.rank], -1)
+        k_s, v_s, r_k, r_v = F.linear(x, w).split(
+            [self.head_dim, self.head_dim, self.n_head * self.rank, self.n_head * self.rank], -1
+        )
         return k_s, v_s, r_k.view(b, t, self.n_head, self.rank), r_v.view(b, t, self.n_head, self.rank)
 
     @staticmethod

@@ -26,7 +26,15 @@ Pieces, usable alone:
 """
 
 from .allocate import Allocation, allocate_ranks, layer_weights, rank_grid
-from .api import CompressConfig, CompressionFit, compress_model, compress_sweep, fit_compression, save_compressed, write_report
+from .api import (
+    CompressConfig,
+    CompressionFit,
+    compress_model,
+    compress_sweep,
+    fit_compression,
+    save_compressed,
+    write_report,
+)
 from .build import build_compressed, projected_logits
 from .calibration import Calibration, calibrate, calibration_batches
 from .eigen import EigenBases, EigenOptions, eigen_bases, threshold_rank, threshold_search
@@ -36,10 +44,39 @@ from .profiles import layer_profile, load_profiles, plot_profiles, save_profiles
 from .stief import LearnedBases, StiefOptions, stief_bases, train_basis
 
 __all__ = [
-    "Allocation", "Calibration", "CompressConfig", "CompressionFit", "compress_sweep", "fit_compression", "EigenBases", "EigenOptions", "LearnedBases", "StiefOptions",
-    "allocate_ranks", "block_error", "build_compressed", "calibrate", "calibration_batches", "check_source",
-    "compress_model", "eigen_bases", "kv_statistics", "layer_profile", "layer_weights", "load_hf_llama",
-    "load_hf_tokenizer", "load_profiles", "plot_profiles", "projected_block", "projected_logits", "rank_grid",
-    "save_compressed", "save_profiles", "stief_bases", "threshold_rank", "threshold_search", "train_basis",
+    "Allocation",
+    "Calibration",
+    "CompressConfig",
+    "CompressionFit",
+    "compress_sweep",
+    "fit_compression",
+    "EigenBases",
+    "EigenOptions",
+    "LearnedBases",
+    "StiefOptions",
+    "allocate_ranks",
+    "block_error",
+    "build_compressed",
+    "calibrate",
+    "calibration_batches",
+    "check_source",
+    "compress_model",
+    "eigen_bases",
+    "kv_statistics",
+    "layer_profile",
+    "layer_weights",
+    "load_hf_llama",
+    "load_hf_tokenizer",
+    "load_profiles",
+    "plot_profiles",
+    "projected_block",
+    "projected_logits",
+    "rank_grid",
+    "save_compressed",
+    "save_profiles",
+    "stief_bases",
+    "threshold_rank",
+    "threshold_search",
+    "train_basis",
     "write_report",
 ]

@@ -69,7 +69,9 @@ def check_feasible(budget: float, ranks: list[int], head_dim: int, n_layer: int)
 def rank_grid(head_dim: int, fractions) -> list[int]:
     """Candidate ranks round(f d_h) for f in fractions, plus full rank d_h; sorted, unique."""
     fractions = list(fractions)
-    if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions):
+    if not fractions or any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions
+    ):
         raise ConfigError(f"compress.rank_fractions={fractions!r} must be a non-empty list of numbers in (0, 1]")
     return sorted({max(1, round(f * head_dim)) for f in fractions} | {head_dim})
 
@@ -87,7 +89,9 @@ def layer_weights(n_layer: int, early: float = 2.0, late: float = 1.75, edge_fra
     return weights
 
 
-def allocate_ranks(profiles: dict, budget: float, method: str = "pareto", weights: list[float] | None = None, **pareto) -> Allocation:
+def allocate_ranks(
+    profiles: dict, budget: float, method: str = "pareto", weights: list[float] | None = None, **pareto
+) -> Allocation:
     """Per-layer (k_ranks, v_ranks) from a profile dict (profiles.py) under the KV budget (module docstring).
 
     `weights` (pareto only) overrides the early/late layer weights; `pareto` passes early=, late=,
@@ -175,6 +179,7 @@ def fill(ranks, errors, weights, choice, capacity, greedy: bool) -> list[int]:
         if not fits:
             return choice
         if greedy:
+
             def gain(c):
                 j = choice[c]
                 return weights[c] * (errors[c][j] - errors[c][j + 1]) / (ranks[j + 1] - ranks[j])

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lrkv.errors import ConfigError
 from lrkv.data.utils import atomic_write
+from lrkv.errors import ConfigError
 from lrkv.training.checkpoint import save_pretrained
 
 from .allocate import ALLOCATORS, allocate_ranks, check_budget, check_feasible, rank_grid
@@ -52,13 +52,15 @@ class CompressConfig:
     max_tokens: int = 128 * 2048  # calibration tokens kept (whole sequences)
     eval_fraction: float = 0.1  # calibration sequences held out for profiles and reported errors
     chunk_rows: int = 8  # sequences per forward when streaming activations
-    calib: dict = field(default_factory=dict)  # calibration_batches options (source, n_seqs, seq_len, batch_size, split)
+    calib: dict = field(
+        default_factory=dict
+    )  # calibration_batches options (source, n_seqs, seq_len, batch_size, split)
     stief: dict = field(default_factory=dict)  # StiefOptions
     eigen: dict = field(default_factory=dict)  # EigenOptions
     pareto: dict = field(default_factory=dict)  # early, late, edge_fraction (layer_weights)
 
     @classmethod
-    def from_dict(cls, options: dict) -> "CompressConfig":
+    def from_dict(cls, options: dict) -> CompressConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -69,19 +71,25 @@ class CompressConfig:
         if cfg.allocator not in ALLOCATORS:
             raise ConfigError(f"compress.allocator={cfg.allocator!r} is unknown; use pareto (v1) or sequential (v2)")
         if (cfg.k_ranks is None) != (cfg.v_ranks is None):
-            raise ConfigError("give both compress.k_ranks and compress.v_ranks (or neither, to allocate from compress.budget)")
+            raise ConfigError(
+                "give both compress.k_ranks and compress.v_ranks (or neither, to allocate from compress.budget)"
+            )
         if cfg.k_ranks is None:
             if cfg.budget is None and cfg.method == "stief":
-                raise ConfigError("compress.budget is required for method=stief (e.g. 0.6), or give compress.k_ranks and v_ranks")
+                raise ConfigError(
+                    "compress.budget is required for method=stief (e.g. 0.6), or give compress.k_ranks and v_ranks"
+                )
             if cfg.budget is not None:
                 check_budget(cfg.budget)
         if not 0 < cfg.eval_fraction < 1:
             raise ConfigError(f"compress.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
         calib_names = set(inspect.signature(calibration_batches).parameters) - {"tokenizer"}
-        for name, sub, names in (("stief", cfg.stief, {f.name for f in dataclasses.fields(StiefOptions)}),
-                                 ("eigen", cfg.eigen, {f.name for f in dataclasses.fields(EigenOptions)}),
-                                 ("pareto", cfg.pareto, {"early", "late", "edge_fraction"}),
-                                 ("calib", cfg.calib, calib_names)):
+        for name, sub, names in (
+            ("stief", cfg.stief, {f.name for f in dataclasses.fields(StiefOptions)}),
+            ("eigen", cfg.eigen, {f.name for f in dataclasses.fields(EigenOptions)}),
+            ("pareto", cfg.pareto, {"early", "late", "edge_fraction"}),
+            ("calib", cfg.calib, calib_names),
+        ):
             bad = sorted(set(sub or {}) - names)
             if bad:
                 raise ConfigError(f"unknown option compress.{name}.{bad[0]}; known: {', '.join(sorted(names))}")
@@ -103,7 +111,9 @@ def fixed_ranks(value, name: str, n_layer: int, head_dim: int) -> list[int]:
         raise ConfigError(f"compress.{name} must be one int or a list of n_layer={n_layer} ints, got {value!r}")
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= head_dim:
-            raise ConfigError(f"compress.{name} has rank {r!r} outside [1, head_dim={head_dim}]; use ranks in that range")
+            raise ConfigError(
+                f"compress.{name} has rank {r!r} outside [1, head_dim={head_dim}]; use ranks in that range"
+            )
     return list(ranks)
 
 
@@ -118,7 +128,7 @@ def compress_model(model, calib_batches=None, *, tokenizer=None, out_dir: str | 
     return fit_compression(model, calib_batches, tokenizer=tokenizer, **options).compress(out_dir=out_dir)
 
 
-def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> "CompressionFit":
+def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> CompressionFit:
     """Calibrate and fit one method's bases and error-rank profiles (the expensive part), for any budget."""
     start = time.time()
     cfg = CompressConfig.from_dict(options)
@@ -141,11 +151,17 @@ def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> 
     n = calib.num_sequences
     n_eval = max(1, round(cfg.eval_fraction * n))
     if n - n_eval < (3 if cfg.method == "stief" else 1):
-        raise ConfigError(f"{n} calibration sequences are too few to hold out {n_eval}; raise compress.calib.n_seqs or max_tokens")
+        raise ConfigError(
+            f"{n} calibration sequences are too few to hold out {n_eval}; raise compress.calib.n_seqs or max_tokens"
+        )
     stief_opts, eigen_opts = StiefOptions(**(cfg.stief or {})), EigenOptions(**(cfg.eigen or {}))
 
-    fit = CompressionFit(model, cfg, calib.tokens[n - n_eval :], {"sequences": n, "seq_len": calib.seq_len,
-                                                                   "fit_sequences": n - n_eval, "eval_sequences": n_eval})
+    fit = CompressionFit(
+        model,
+        cfg,
+        calib.tokens[n - n_eval :],
+        {"sequences": n, "seq_len": calib.seq_len, "fit_sequences": n - n_eval, "eval_sequences": n_eval},
+    )
     profile_layers = []
     for layer, x, y in calib.layers():
         block = model.blocks[layer]
@@ -153,7 +169,9 @@ def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> 
         stats = kv_statistics(block, x_fit, cfg.chunk_rows)
         bases = eigen_bases(stats)
         if cfg.method == "eigen" and cfg.mode == "threshold":
-            fit.searches.append({"layer": layer, **threshold_search(block, x_fit, y_fit, bases, eigen_opts, cfg.chunk_rows)})
+            fit.searches.append(
+                {"layer": layer, **threshold_search(block, x_fit, y_fit, bases, eigen_opts, cfg.chunk_rows)}
+            )
         if cfg.method == "stief":
             k_train, v_train = ([fixed[0][layer]], [fixed[1][layer]]) if fixed else (grid, grid)
             bases = stief_bases(block, x_fit, y_fit, stats, bases, k_train, v_train, stief_opts)
@@ -162,8 +180,16 @@ def fit_compression(model, calib_batches=None, *, tokenizer=None, **options) -> 
             profile_layers.append({"layer": layer, **layer_profile(block, x_eval, y_eval, bases, grid, cfg.chunk_rows)})
         fit.bases.append(bases)
     if profile_layers:
-        fit.profiles = {"method": cfg.method, "source": mcfg.name, "head_dim": dh, "kv_heads": g, "n_layer": n_layer,
-                        "ranks": grid, "eval_sequences": n_eval, "layers": profile_layers}
+        fit.profiles = {
+            "method": cfg.method,
+            "source": mcfg.name,
+            "head_dim": dh,
+            "kv_heads": g,
+            "n_layer": n_layer,
+            "ranks": grid,
+            "eval_sequences": n_eval,
+            "layers": profile_layers,
+        }
     fit.seconds = time.time() - start
     return fit
 
@@ -187,14 +213,22 @@ class CompressionFit:
     def ranks(self, budget=None, allocator=None) -> tuple[list[int], list[int]]:
         cfg, mcfg = self.cfg, self.model.cfg
         if budget is None and cfg.mode == "ranks":
-            return (fixed_ranks(cfg.k_ranks, "k_ranks", mcfg.n_layer, mcfg.head_dim),
-                    fixed_ranks(cfg.v_ranks, "v_ranks", mcfg.n_layer, mcfg.head_dim))
+            return (
+                fixed_ranks(cfg.k_ranks, "k_ranks", mcfg.n_layer, mcfg.head_dim),
+                fixed_ranks(cfg.v_ranks, "v_ranks", mcfg.n_layer, mcfg.head_dim),
+            )
         if budget is None and cfg.mode == "threshold":
             return [s["k_rank"] for s in self.searches], [s["v_rank"] for s in self.searches]
         if self.profiles is None:
-            raise ConfigError("this fit has fixed-rank StiefAttention bases only; fit again with compress.budget to allocate")
-        allocation = allocate_ranks(self.profiles, budget if budget is not None else cfg.budget,
-                                    allocator or cfg.allocator, **(cfg.pareto or {}))
+            raise ConfigError(
+                "this fit has fixed-rank StiefAttention bases only; fit again with compress.budget to allocate"
+            )
+        allocation = allocate_ranks(
+            self.profiles,
+            budget if budget is not None else cfg.budget,
+            allocator or cfg.allocator,
+            **(cfg.pareto or {}),
+        )
         return allocation.k_ranks, allocation.v_ranks
 
     def compress(self, budget: float | None = None, allocator: str | None = None, out_dir: str | Path | None = None):
@@ -217,8 +251,15 @@ class CompressionFit:
         layer_errors = []
         for layer, x, y in held_out.layers():
             err = block_error(model.blocks[layer], x, y, k_bases[layer], v_bases[layer], cfg.chunk_rows)
-            layer_errors.append({"layer": layer, "k_rank": k_ranks[layer], "v_rank": v_ranks[layer],
-                                 "rel_error": err.rel_error, "cosine": err.cosine})
+            layer_errors.append(
+                {
+                    "layer": layer,
+                    "k_rank": k_ranks[layer],
+                    "v_rank": v_ranks[layer],
+                    "rel_error": err.rel_error,
+                    "cosine": err.cosine,
+                }
+            )
         report = {
             "method": cfg.method,
             "mode": mode,
@@ -229,8 +270,10 @@ class CompressionFit:
             "kv_ratio": kv_ratio,
             "k_ranks": k_ranks,
             "v_ranks": v_ranks,
-            "kv_bytes_per_token_bf16": {"source": mcfg.kv_cache_bytes_per_token(),
-                                        "compressed": compressed.cfg.kv_cache_bytes_per_token()},
+            "kv_bytes_per_token_bf16": {
+                "source": mcfg.kv_cache_bytes_per_token(),
+                "compressed": compressed.cfg.kv_cache_bytes_per_token(),
+            },
             "calibration": self.calibration,
             "held_out_loss": held_out_losses(model, compressed, self.held_out_tokens, cfg.chunk_rows),
             "layer_errors": layer_errors,
@@ -245,8 +288,16 @@ class CompressionFit:
         return compressed, report
 
 
-def compress_sweep(model, calib_batches=None, *, methods=("eigen", "stief"), budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
-                   out_dir: str | Path, tokenizer=None, **options) -> list[dict]:
+def compress_sweep(
+    model,
+    calib_batches=None,
+    *,
+    methods=("eigen", "stief"),
+    budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
+    out_dir: str | Path,
+    tokenizer=None,
+    **options,
+) -> list[dict]:
     """Fit each method once, then compress at every budget into out_dir/<method>_<budget>/ (save_compressed).
 
     Returns one summary per compressed model: method, budget, kv_ratio, held-out calibration losses, folder.
@@ -260,8 +311,16 @@ def compress_sweep(model, calib_batches=None, *, methods=("eigen", "stief"), bud
         for b in budgets:
             compressed, report = fit.compress(budget=b)
             folder = save_compressed(compressed, out / f"{method}_{b:g}", report, tokenizer)
-            rows.append({"method": method, "budget": b, "kv_ratio": report["kv_ratio"], "name": report["name"],
-                         "held_out_loss": report["held_out_loss"], "folder": str(folder)})
+            rows.append(
+                {
+                    "method": method,
+                    "budget": b,
+                    "kv_ratio": report["kv_ratio"],
+                    "name": report["name"],
+                    "held_out_loss": report["held_out_loss"],
+                    "folder": str(folder),
+                }
+            )
     return rows
 
 

@@ -36,7 +36,9 @@ def fold_layer(attn, pk: torch.Tensor, pv: torch.Tensor) -> dict[str, torch.Tens
     return {name: value.to(dtype) for name, value in state.items()}
 
 
-def build_compressed(model: Transformer, k_bases: list[torch.Tensor], v_bases: list[torch.Tensor], meta: dict | None = None) -> Transformer:
+def build_compressed(
+    model: Transformer, k_bases: list[torch.Tensor], v_bases: list[torch.Tensor], meta: dict | None = None
+) -> Transformer:
     """A compressed copy of `model` with key bases (d_h, r_K,l) and value bases (G, d_h, r_V,l) per layer.
 
     meta: provenance stored in attn_options (method, source, budget, allocator, kv_ratio).

@@ -64,9 +64,13 @@ def calibrate(model, batches: Iterable, max_tokens: int = 128 * 2048, chunk_rows
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise DataError(f"calibration batches must be integer token tensors (B, T), got {tuple(tokens.shape)} {tokens.dtype}")
+            raise DataError(
+                f"calibration batches must be integer token tensors (B, T), got {tuple(tokens.shape)} {tokens.dtype}"
+            )
         if rows and tokens.shape[1] != rows[0].shape[1]:
-            raise DataError(f"calibration rows differ in length ({rows[0].shape[1]} vs {tokens.shape[1]}); use one seq_len")
+            raise DataError(
+                f"calibration rows differ in length ({rows[0].shape[1]} vs {tokens.shape[1]}); use one seq_len"
+            )
         take = min(tokens.shape[0], (max_tokens - total) // tokens.shape[1])
         if take > 0:
             rows.append(tokens[:take].long())
@@ -74,13 +78,19 @@ def calibrate(model, batches: Iterable, max_tokens: int = 128 * 2048, chunk_rows
         if take < tokens.shape[0]:
             break
     if not rows:
-        raise DataError(f"no calibration sequence fits in max_tokens={max_tokens}; give batches or raise compress.max_tokens")
+        raise DataError(
+            f"no calibration sequence fits in max_tokens={max_tokens}; give batches or raise compress.max_tokens"
+        )
     tokens = torch.cat(rows)
     cfg = model.cfg
     if tokens.shape[1] > cfg.max_seq_len:
-        raise DataError(f"calibration seq_len {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}; lower compress.calib.seq_len")
+        raise DataError(
+            f"calibration seq_len {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}; lower compress.calib.seq_len"
+        )
     if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-        raise DataError(f"calibration token ids fall outside the model vocabulary ({cfg.vocab_size}); use the model's tokenizer")
+        raise DataError(
+            f"calibration token ids fall outside the model vocabulary ({cfg.vocab_size}); use the model's tokenizer"
+        )
     return Calibration(model, tokens, chunk_rows)
 
 

@@ -37,7 +37,9 @@ def llama_model_config(hf: dict, name: str) -> ModelConfig:
     """Our ModelConfig for a Llama config.json dict; CheckpointError for what we cannot represent."""
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
     if hf.get("model_type", "llama") != "llama" or not set(archs) <= set(ARCHITECTURES):
-        raise CheckpointError(f"{name}: model_type={hf.get('model_type')!r} {archs} is not a Llama causal LM; only LlamaForCausalLM folders convert")
+        raise CheckpointError(
+            f"{name}: model_type={hf.get('model_type')!r} {archs} is not a Llama causal LM; only LlamaForCausalLM folders convert"
+        )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 | 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -46,7 +48,9 @@ def llama_model_config(hf: dict, name: str) -> ModelConfig:
         if hf.get(key):
             raise CheckpointError(f"{name}: {key}=true is not supported (lrkv layers have no biases)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{name}: hidden_act={hf.get('hidden_act')!r} is not supported; only silu (SwiGLU) converts")
+        raise CheckpointError(
+            f"{name}: hidden_act={hf.get('hidden_act')!r} is not supported; only silu (SwiGLU) converts"
+        )
     d, inner, heads = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     ratio = inner / d
@@ -85,7 +89,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+def load_hf_llama(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
     """A Transformer with the weights of a local Llama folder (config.json + safetensors), in eval mode."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -114,7 +120,9 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     hf.pop("lm_head.weight", None)
     leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
-        raise CheckpointError(f"{folder}: weight {leftover[0]} has no place in a Llama model without biases; not converted")
+        raise CheckpointError(
+            f"{folder}: weight {leftover[0]} has no place in a Llama model without biases; not converted"
+        )
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)

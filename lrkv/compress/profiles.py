@@ -63,7 +63,9 @@ def plot_profiles(profiles: dict, path: str | Path) -> Path:
     for col, part in enumerate(PARTS):
         for entry in profiles["layers"]:
             color = cmap(entry["layer"] / n)
-            axes[0, col].plot(ranks, entry[part]["rel_error"], marker="o", ms=3, color=color, label=f"layer {entry['layer']}")
+            axes[0, col].plot(
+                ranks, entry[part]["rel_error"], marker="o", ms=3, color=color, label=f"layer {entry['layer']}"
+            )
             axes[1, col].plot(ranks, entry[part]["cosine"], marker="o", ms=3, color=color)
         title = {"k": "keys projected", "v": "values projected", "kv": "keys and values projected"}[part]
         axes[0, col].set_title(title)
@@ -73,7 +75,9 @@ def plot_profiles(profiles: dict, path: str | Path) -> Path:
     axes[1, 0].set_ylabel("mean token cosine similarity")
     if len(profiles["layers"]) <= 16:
         axes[0, 2].legend(fontsize=7)
-    fig.suptitle(f"{profiles['method']} error-rank profiles of {profiles.get('source', 'model')} (d_h = {profiles['head_dim']})")
+    fig.suptitle(
+        f"{profiles['method']} error-rank profiles of {profiles.get('source', 'model')} (d_h = {profiles['head_dim']})"
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

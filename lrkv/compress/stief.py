@@ -115,7 +115,9 @@ def train_basis(block, x, y, which: str, rank: int, mean, var, m0, options: Stie
     """
     n = x.shape[0]
     if n < 2:
-        raise ConfigError("StiefAttention needs at least 2 calibration sequences (training + validation); raise compress.calib.n_seqs")
+        raise ConfigError(
+            "StiefAttention needs at least 2 calibration sequences (training + validation); raise compress.calib.n_seqs"
+        )
     n_val = min(max(1, round(options.val_fraction * n)), n - 1)
     x_tr, y_tr, x_val, y_val = x[: n - n_val], y[: n - n_val], x[n - n_val :], y[n - n_val :]
     zero_last = options.init == "eigen"
@@ -189,8 +191,12 @@ def stief_bases(block, x, y, stats, eigen, k_ranks, v_ranks, options: StiefOptio
     bases = LearnedBases(attn.head_dim, attn.kv_heads)
     for r in sorted(set(k_ranks)):
         if r < attn.head_dim:
-            bases.keys[r], bases.info[f"k{r}"] = train_basis(block, x, y, "k", r, stats.mean_k, stats.var_k, eigen.uk, options)
+            bases.keys[r], bases.info[f"k{r}"] = train_basis(
+                block, x, y, "k", r, stats.mean_k, stats.var_k, eigen.uk, options
+            )
     for r in sorted(set(v_ranks)):
         if r < attn.head_dim:
-            bases.values[r], bases.info[f"v{r}"] = train_basis(block, x, y, "v", r, stats.mean_v, stats.var_v, eigen.uv, options)
+            bases.values[r], bases.info[f"v{r}"] = train_basis(
+                block, x, y, "v", r, stats.mean_v, stats.var_v, eigen.uv, options
+            )
     return bases

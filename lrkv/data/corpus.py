@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import ast
 import functools
-import itertools
 import glob
 import hashlib
+import itertools
 import os
 import re
 import socket
@@ -44,12 +44,13 @@ LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet
 SPLITS = ("train", "val")
 # Standard-library folders left out of the docstring corpus: tests, vendored packages, and the
 # generated codec modules whose docstrings are all alike.
-_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-                     "encodings"}
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_FIX = ("no network? use data=embedded or a local path (file, directory or glob of "
-        ".txt/.jsonl/.json/.parquet); set HF_DATASETS_OFFLINE=1 to fail fast offline")
+_FIX = (
+    "no network? use data=embedded or a local path (file, directory or glob of "
+    ".txt/.jsonl/.json/.parquet); set HF_DATASETS_OFFLINE=1 to fail fast offline"
+)
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,16 @@ def source_kind(source: str) -> str:
         return "embedded"
     if source.startswith("hf:"):
         return "hub"
-    looks_local = (os.path.exists(source) or source.startswith(("/", ".", "~"))
-                   or glob.has_magic(source) or os.path.splitext(source)[1] in LOCAL_EXTENSIONS)
+    looks_local = (
+        os.path.exists(source)
+        or source.startswith(("/", ".", "~"))
+        or glob.has_magic(source)
+        or os.path.splitext(source)[1] in LOCAL_EXTENSIONS
+    )
     return "hub" if not looks_local and _HUB_NAME.match(source) else "local"
 
 
-def iter_documents(spec: CorpusSpec, split: str = "train", *,
-                   hf_cache_dir: str | None = None) -> Iterator[str]:
+def iter_documents(spec: CorpusSpec, split: str = "train", *, hf_cache_dir: str | None = None) -> Iterator[str]:
     """Yield the non-empty documents of one split ("train" or "val") of a corpus, in source order.
 
     Deterministic: the same spec gives the same documents in the same order on every run and rank.
@@ -126,7 +130,9 @@ def iter_documents(spec: CorpusSpec, split: str = "train", *,
     if spec.max_documents is not None:
         docs = _take(docs, spec.max_documents)
     if spec.val_documents is not None:  # held out by position: the head of the stream
-        yield from (_take(docs, spec.val_documents) if split == "val" else itertools.islice(docs, spec.val_documents, None))
+        yield from (
+            _take(docs, spec.val_documents) if split == "val" else itertools.islice(docs, spec.val_documents, None)
+        )
         return
     for text in docs:
         if explicit_val or is_validation(text, spec.val_fraction, spec.split_seed) == (split == "val"):
@@ -137,8 +143,9 @@ def is_validation(text: str, val_fraction: float, split_seed: int = 0) -> bool:
     """True when the document belongs to the held-out split: keyed hash of its text < fraction."""
     if val_fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8,
-                             key=split_seed.to_bytes(8, "little", signed=True)).digest()
+    digest = hashlib.blake2b(
+        text.encode("utf-8"), digest_size=8, key=split_seed.to_bytes(8, "little", signed=True)
+    ).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
 
 
@@ -168,8 +175,9 @@ def embedded_documents(part: str = "all") -> list[str]:
         return _topics()
     if part == "docstrings":
         return _stdlib_docstrings()
-    raise ConfigError(f"embedded part {part!r} is unknown: use 'embedded', "
-                      + ", ".join(f"'embedded:{p}'" for p in EMBEDDED_PARTS))
+    raise ConfigError(
+        f"embedded part {part!r} is unknown: use 'embedded', " + ", ".join(f"'embedded:{p}'" for p in EMBEDDED_PARTS)
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -226,15 +234,20 @@ def resolve_data_files(path: str) -> list[str]:
     if glob.has_magic(expanded):
         files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(expanded):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(expanded) for f in names
-                       if os.path.splitext(f)[1] in LOCAL_EXTENSIONS)
+        files = sorted(
+            os.path.join(d, f)
+            for d, _, names in os.walk(expanded)
+            for f in names
+            if os.path.splitext(f)[1] in LOCAL_EXTENSIONS
+        )
     elif os.path.isfile(expanded):
         files = [expanded]
     else:
         raise DataError(f"data path {path!r} does not exist: fix the path, or use data=embedded")
     if not files:
-        raise DataError(f"no .txt/.jsonl/.json/.parquet files under {path!r}: "
-                        "point data.source at such files, or use data=embedded")
+        raise DataError(
+            f"no .txt/.jsonl/.json/.parquet files under {path!r}: point data.source at such files, or use data=embedded"
+        )
     return files
 
 
@@ -244,8 +257,9 @@ def _builder_for(files: list[str]) -> str:
         odd = next(f for f in files if os.path.splitext(f)[1] not in LOCAL_EXTENSIONS)
         raise DataError(f"unsupported file type {odd!r}: use .txt, .jsonl, .json or .parquet")
     if len(builders) > 1:
-        raise DataError(f"mixed file types ({', '.join(sorted(builders))}) in one source: "
-                        "point data.source at one kind of file")
+        raise DataError(
+            f"mixed file types ({', '.join(sorted(builders))}) in one source: point data.source at one kind of file"
+        )
     return builders.pop()
 
 
@@ -257,21 +271,24 @@ def _read_local(spec: CorpusSpec, path: str, hf_cache_dir: str | None) -> Iterat
     kwargs = {"sample_by": spec.txt_unit} if builder == "text" else {}
     text_field = "text" if builder == "text" else spec.text_field
     try:
-        rows = datasets.load_dataset(builder, data_files=files, split="train",
-                                     streaming=spec.streaming, cache_dir=hf_cache_dir, **kwargs)
+        rows = datasets.load_dataset(
+            builder, data_files=files, split="train", streaming=spec.streaming, cache_dir=hf_cache_dir, **kwargs
+        )
         yield from _texts(rows, text_field, path)
     except (DataError, ConfigError):
         raise
     except Exception as e:  # malformed json, unreadable parquet, ...: raised by datasets/pyarrow
-        raise DataError(f"cannot read {path!r} as {builder}: {type(e).__name__}: "
-                        f"{_first_line(e)}; check the files are valid {builder} files") from e
+        raise DataError(
+            f"cannot read {path!r} as {builder}: {type(e).__name__}: "
+            f"{_first_line(e)}; check the files are valid {builder} files"
+        ) from e
 
 
 # --------------------------------------------------------------------------- hub datasets
 
 
 def offline_flag() -> str | None:
-    """"HF_HUB_OFFLINE=1" (or HF_DATASETS_OFFLINE) when the user asked for offline mode, else None."""
+    """ "HF_HUB_OFFLINE=1" (or HF_DATASETS_OFFLINE) when the user asked for offline mode, else None."""
     for var in _OFFLINE_VARS:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var}={os.environ[var]}"
@@ -306,21 +323,23 @@ def _read_hub(spec: CorpusSpec, split: str, hf_cache_dir: str | None) -> Iterato
     if not is_local_dir and (reason := offline_flag() or probe_hub()):
         raise DataError(f"cannot reach the Hugging Face hub for dataset {where}: {reason}; {_FIX}")
     try:
-        rows = datasets.load_dataset(os.path.expanduser(name), spec.name, split=split,
-                                     streaming=spec.streaming, cache_dir=hf_cache_dir)
+        rows = datasets.load_dataset(
+            os.path.expanduser(name), spec.name, split=split, streaming=spec.streaming, cache_dir=hf_cache_dir
+        )
         yield from _texts(rows, spec.text_field, name)
     except (DataError, ConfigError):
         raise
     except Exception as e:  # connection, auth, missing dataset/config/split: all end the run
-        raise DataError(f"cannot read dataset {where}: {type(e).__name__}: {_first_line(e)}; "
-                        f"check the name, config and split; {_FIX}") from e
+        raise DataError(
+            f"cannot read dataset {where}: {type(e).__name__}: {_first_line(e)}; "
+            f"check the name, config and split; {_FIX}"
+        ) from e
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_source(spec: CorpusSpec, kind: str, val_split: str | None,
-                 hf_cache_dir: str | None) -> Iterator[str]:
+def _read_source(spec: CorpusSpec, kind: str, val_split: str | None, hf_cache_dir: str | None) -> Iterator[str]:
     if kind == "embedded":
         part = spec.source.partition(":")[2] or "all"
         return iter(embedded_documents(part))
@@ -333,8 +352,10 @@ def _texts(rows: Iterable[dict], field: str, where: str) -> Iterator[str]:
     """The non-empty string values of one column; DataError naming the columns if it is missing."""
     for row in rows:
         if field not in row:
-            raise DataError(f"no column {field!r} in {where!r} (columns: {', '.join(row)}): "
-                            "set data.text_field to the column holding the text")
+            raise DataError(
+                f"no column {field!r} in {where!r} (columns: {', '.join(row)}): "
+                "set data.text_field to the column holding the text"
+            )
         text = row[field]
         if isinstance(text, str) and text:
             yield text

@@ -56,35 +56,68 @@ class LMDataModule(L.LightningDataModule):
         (Lightning initialises it before ``setup``), else the trainer, else 0 of 1.
     """
 
-    def __init__(self, source: str = "embedded", *, name: str | None = None, split: str = "train",
-                 val_split: str | None = None, text_field: str = "text",
-                 txt_unit: str = "document", val_fraction: float = 0.05, split_seed: int = 0,
-                 streaming: bool = True, max_documents: int | None = None,
-                 val_documents: int | None = None, block_documents: int = 1024,
-                 max_tokens: int | None = None, val_max_tokens: int | None = None,
-                 tokenizer: str = "bpe", vocab_size: int = 4096,
-                 tokenizer_max_chars: int | None = 100_000_000, seq_len: int = 256,
-                 batch_size: int = 8, val_batch_size: int | None = None,
-                 val_batches: int | None = None, seed: int = 0, storage: str = "memory",
-                 cache_dir: str = ".cache/lrkv", num_workers: int = 0, pin_memory: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        source: str = "embedded",
+        *,
+        name: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        text_field: str = "text",
+        txt_unit: str = "document",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        streaming: bool = True,
+        max_documents: int | None = None,
+        val_documents: int | None = None,
+        block_documents: int = 1024,
+        max_tokens: int | None = None,
+        val_max_tokens: int | None = None,
+        tokenizer: str = "bpe",
+        vocab_size: int = 4096,
+        tokenizer_max_chars: int | None = 100_000_000,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        val_batches: int | None = None,
+        seed: int = 0,
+        storage: str = "memory",
+        cache_dir: str = ".cache/lrkv",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         if storage not in STORAGES:
             raise ConfigError(f"storage={storage!r} is unknown: use 'memory', 'shards' or 'stream'")
-        self.spec = CorpusSpec(source=source, name=name, split=split, val_split=val_split,
-                               val_fraction=val_fraction, split_seed=split_seed,
-                               text_field=text_field, txt_unit=txt_unit, streaming=streaming,
-                               max_documents=max_documents, val_documents=val_documents)
+        self.spec = CorpusSpec(
+            source=source,
+            name=name,
+            split=split,
+            val_split=val_split,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            text_field=text_field,
+            txt_unit=txt_unit,
+            streaming=streaming,
+            max_documents=max_documents,
+            val_documents=val_documents,
+        )
         if source_kind(source) == "hub" and max_documents is None:
             # A held-out split by hash is spread over the whole stream: without a cap, collecting
             # it reads the entire dataset. In memory, the training split needs a cap as well.
             if val_split is None and val_max_tokens is None and val_documents is None:
-                raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
-                                  "data.val_documents (e.g. 5000), data.val_max_tokens or data.val_split")
+                raise ConfigError(
+                    f"data.source={source!r} streams a hub dataset: set "
+                    "data.val_documents (e.g. 5000), data.val_max_tokens or data.val_split"
+                )
             if storage == "memory" and max_tokens is None:
-                raise ConfigError(f"data.source={source!r} streams a hub dataset: set "
-                                  "data.max_tokens to hold it in memory, or use storage=stream or shards")
+                raise ConfigError(
+                    f"data.source={source!r} streams a hub dataset: set "
+                    "data.max_tokens to hold it in memory, or use storage=stream or shards"
+                )
         self.tokenizer: Tokenizer | None = None
         self.token_bytes: torch.Tensor | None = None
         self.train_loader: BatchLoader | None = None
@@ -112,19 +145,39 @@ class LMDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.storage == "stream":
             self.train_loader = StreamLoader(
-                lambda: iter_documents(self.spec, "train"), self.tokenizer, seq_len=hp.seq_len,
-                batch_size=hp.batch_size, seed=hp.seed, rank=self.rank, world_size=self.world_size,
-                block_documents=hp.block_documents, token_bytes=self.token_bytes)
+                lambda: iter_documents(self.spec, "train"),
+                self.tokenizer,
+                seq_len=hp.seq_len,
+                batch_size=hp.batch_size,
+                seed=hp.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                block_documents=hp.block_documents,
+                token_bytes=self.token_bytes,
+            )
         else:
             self.train_loader = BatchLoader(
-                self._token_source("train", self.tokenizer), seq_len=hp.seq_len,
-                batch_size=hp.batch_size, seed=hp.seed, shuffle=True, infinite=True, rank=self.rank,
-                world_size=self.world_size, token_bytes=self.token_bytes)
+                self._token_source("train", self.tokenizer),
+                seq_len=hp.seq_len,
+                batch_size=hp.batch_size,
+                seed=hp.seed,
+                shuffle=True,
+                infinite=True,
+                rank=self.rank,
+                world_size=self.world_size,
+                token_bytes=self.token_bytes,
+            )
         self.val_loader = BatchLoader(
-            self._token_source("val", self.tokenizer), seq_len=hp.seq_len,
-            batch_size=hp.val_batch_size or hp.batch_size, shuffle=False, infinite=False,
-            rank=self.rank, world_size=self.world_size, token_bytes=self.token_bytes,
-            max_batches=hp.val_batches)
+            self._token_source("val", self.tokenizer),
+            seq_len=hp.seq_len,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            shuffle=False,
+            infinite=False,
+            rank=self.rank,
+            world_size=self.world_size,
+            token_bytes=self.token_bytes,
+            max_batches=hp.val_batches,
+        )
         if self._train_start is not None and not self._streaming:
             self.train_loader.load_state_dict(self._train_start)  # validates a loaded state early
 
@@ -138,19 +191,24 @@ class LMDataModule(L.LightningDataModule):
         if self._streaming:
             start = self._stream_start()
             self._stream_state = start
-            return make_stream_dataloader(self.train_loader, start, num_workers=self.hparams.num_workers,
-                                          pin_memory=self.hparams.pin_memory)
+            return make_stream_dataloader(
+                self.train_loader, start, num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory
+            )
         self._train_start = self.state_dict()["train"]
         self._consumed = 0
-        return make_dataloader(self.train_loader, self._train_start,
-                               num_workers=self.hparams.num_workers,
-                               pin_memory=self.hparams.pin_memory)
+        return make_dataloader(
+            self.train_loader,
+            self._train_start,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """One deterministic pass over the validation windows of this rank."""
         self._require_setup()
-        return make_dataloader(self.val_loader, None, num_workers=self.hparams.num_workers,
-                               pin_memory=self.hparams.pin_memory)
+        return make_dataloader(
+            self.val_loader, None, num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory
+        )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Count training batches as they are used (not as they are prefetched)."""
@@ -218,24 +276,31 @@ class LMDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer != "bpe":
             return Tokenizer.load(hp.tokenizer)
-        return load_or_train_bpe(lambda: iter_documents(self.spec, "train"),
-                                 vocab_size=hp.vocab_size, cache_dir=hp.cache_dir,
-                                 corpus_key=corpus_key(self.spec),
-                                 max_chars=hp.tokenizer_max_chars)
+        return load_or_train_bpe(
+            lambda: iter_documents(self.spec, "train"),
+            vocab_size=hp.vocab_size,
+            cache_dir=hp.cache_dir,
+            corpus_key=corpus_key(self.spec),
+            max_chars=hp.tokenizer_max_chars,
+        )
 
     def _token_source(self, split: str, tokenizer: Tokenizer):
         hp = self.hparams
         max_tokens = hp.max_tokens if split == "train" else hp.val_max_tokens
         texts = lambda: iter_documents(self.spec, split)  # noqa: E731
         if hp.storage == "memory" or (hp.storage == "stream" and split == "val"):
-            return InMemoryTokens.from_texts(texts(), tokenizer, max_tokens=max_tokens,
-                                             shuffle_documents=split == "train", seed=hp.seed)
-        key = {"corpus": corpus_key(self.spec), "tokenizer": tokenizer.sha256,
-               "max_tokens": hp.max_tokens, "val_max_tokens": hp.val_max_tokens}
+            return InMemoryTokens.from_texts(
+                texts(), tokenizer, max_tokens=max_tokens, shuffle_documents=split == "train", seed=hp.seed
+            )
+        key = {
+            "corpus": corpus_key(self.spec),
+            "tokenizer": tokenizer.sha256,
+            "max_tokens": hp.max_tokens,
+            "val_max_tokens": hp.val_max_tokens,
+        }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         directory = os.path.join(hp.cache_dir, "shards", digest)
-        return load_or_write_shards(texts, tokenizer, directory, split, max_tokens=max_tokens,
-                                    meta=key)
+        return load_or_write_shards(texts, tokenizer, directory, split, max_tokens=max_tokens, meta=key)
 
     def _resolve_rank(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
@@ -257,8 +322,10 @@ class LMDataModule(L.LightningDataModule):
             raise DataError("the checkpoint's data state is not a stream position; resume with its data.storage")
         ranks = saved["ranks"]
         if len(ranks) != self.world_size:
-            raise DataError(f"the checkpoint's stream positions are for {len(ranks)} process(es), this run has "
-                            f"{self.world_size}; resume data.storage=stream runs with the same number of processes")
+            raise DataError(
+                f"the checkpoint's stream positions are for {len(ranks)} process(es), this run has "
+                f"{self.world_size}; resume data.storage=stream runs with the same number of processes"
+            )
         return ranks[self.rank]
 
     def _require_setup(self) -> None:

@@ -52,8 +52,15 @@ class InMemoryTokens:
     Shuffling documents (not only windows) changes where windows cut the text each epoch.
     """
 
-    def __init__(self, token_docs: Iterable[Sequence[int]], eos_id: int, *,
-                 shuffle_documents: bool = False, seed: int = 0, dtype: np.dtype | type = np.int64):
+    def __init__(
+        self,
+        token_docs: Iterable[Sequence[int]],
+        eos_id: int,
+        *,
+        shuffle_documents: bool = False,
+        seed: int = 0,
+        dtype: np.dtype | type = np.int64,
+    ):
         docs = [np.asarray(d, dtype=dtype) for d in token_docs]
         self.tokens = pack_documents(docs, eos_id, dtype)  # documents in source order
         self.doc_starts = np.cumsum([0] + [len(d) + 1 for d in docs])
@@ -63,22 +70,30 @@ class InMemoryTokens:
         self._epochs: dict[int, np.ndarray] = {}
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], tokenizer, *, max_tokens: int | None = None,
-                   shuffle_documents: bool = False, seed: int = 0,
-                   chunk: int = 512) -> InMemoryTokens:
+    def from_texts(
+        cls,
+        texts: Iterable[str],
+        tokenizer,
+        *,
+        max_tokens: int | None = None,
+        shuffle_documents: bool = False,
+        seed: int = 0,
+        chunk: int = 512,
+    ) -> InMemoryTokens:
         """Tokenize texts in chunks (``encode_batch``), stopping after the document that reaches
         ``max_tokens`` tokens (EOS included)."""
         dtype = token_dtype(tokenizer.vocab_size)
-        docs = [np.asarray(ids, dtype=dtype)
-                for ids in encode_documents(tokenizer, texts, max_tokens=max_tokens, chunk=chunk)]
-        return cls(docs, tokenizer.eos_id, shuffle_documents=shuffle_documents, seed=seed,
-                   dtype=dtype)
+        docs = [
+            np.asarray(ids, dtype=dtype)
+            for ids in encode_documents(tokenizer, texts, max_tokens=max_tokens, chunk=chunk)
+        ]
+        return cls(docs, tokenizer.eos_id, shuffle_documents=shuffle_documents, seed=seed, dtype=dtype)
 
     def num_tokens(self) -> int:
         return len(self.tokens)
 
     def read(self, epoch: int, start: int, length: int) -> np.ndarray:
-        return self._epoch_tokens(epoch)[start:start + length]
+        return self._epoch_tokens(epoch)[start : start + length]
 
     def _epoch_tokens(self, epoch: int) -> np.ndarray:
         if not self.shuffle_documents:
@@ -100,9 +115,20 @@ class BatchLoader:
     order, sharding and state.
     """
 
-    def __init__(self, source: TokenSource, *, seq_len: int, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, infinite: bool = True, rank: int = 0, world_size: int = 1,
-                 token_bytes: torch.Tensor | None = None, max_batches: int | None = None):
+    def __init__(
+        self,
+        source: TokenSource,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        token_bytes: torch.Tensor | None = None,
+        max_batches: int | None = None,
+    ):
         check_seq_len(seq_len)
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
@@ -118,9 +144,11 @@ class BatchLoader:
         self._offsets: dict[int, int] = {}
         windows = self._windows(0)
         if windows < world_size:
-            raise DataError(f"too little data: {source.num_tokens()} tokens make {windows} windows "
-                            f"of seq_len+1={seq_len + 1} for {world_size} rank(s); lower seq_len or "
-                            "add documents (raise max_documents / val_fraction)")
+            raise DataError(
+                f"too little data: {source.num_tokens()} tokens make {windows} windows "
+                f"of seq_len+1={seq_len + 1} for {world_size} rank(s); lower seq_len or "
+                "add documents (raise max_documents / val_fraction)"
+            )
         self._position = (0, 0)
 
     # ------------------------------------------------------------------ public interface
@@ -136,8 +164,9 @@ class BatchLoader:
             self._position = self._after(self._position, 1)
             yield batch
 
-    def iter_batches(self, start: dict | None = None, first: int = 0,
-                     stride: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_batches(
+        self, start: dict | None = None, first: int = 0, stride: int = 1
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches ``first, first + stride, ...`` counted from the state ``start`` (default: the
         beginning). Does not change this loader's state; DataLoader workers use ``stride``."""
         position = self._position_of(start) if start is not None else (0, 0)
@@ -173,17 +202,25 @@ class BatchLoader:
     # ------------------------------------------------------------------ positions
 
     def _state(self, position: tuple[int, int]) -> dict:
-        return {"version": _STATE_VERSION, "epoch": position[0], "index": position[1],
-                "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
-                "num_tokens": self.source.num_tokens()}
+        return {
+            "version": _STATE_VERSION,
+            "epoch": position[0],
+            "index": position[1],
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "shuffle": self.shuffle,
+            "num_tokens": self.source.num_tokens(),
+        }
 
     def _position_of(self, state: dict) -> tuple[int, int]:
         expected = self._state((0, 0))
         for key in ("version", "seed", "seq_len", "shuffle", "num_tokens"):
             if state.get(key) != expected[key]:
-                raise DataError(f"data state was saved with {key}={state.get(key)!r} but this run "
-                                f"has {expected[key]!r}: resume with the same data settings, or "
-                                "start the data stream fresh")
+                raise DataError(
+                    f"data state was saved with {key}={state.get(key)!r} but this run "
+                    f"has {expected[key]!r}: resume with the same data settings, or "
+                    "start the data stream fresh"
+                )
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or index < 0 or (not self.infinite and epoch != 0):
             raise DataError(f"data state position ({epoch}, {index}) is invalid for this loader")
@@ -245,14 +282,12 @@ class BatchLoader:
         start = self._offset(epoch) + slot * self.seq_len
         tokens = self.source.read(epoch, start, self.seq_len + 1)
         if len(tokens) != self.seq_len + 1:
-            raise DataError(f"short read at token {start} of epoch {epoch}: the token source "
-                            "changed size; rebuild it")
+            raise DataError(f"short read at token {start} of epoch {epoch}: the token source changed size; rebuild it")
         return tokens
 
     def _batch(self, rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = np.stack([self._read_window(p) for p in rows]).astype(np.int64)
-        batch = {"input": torch.from_numpy(windows[:, :-1].copy()),
-                 "target": torch.from_numpy(windows[:, 1:].copy())}
+        batch = {"input": torch.from_numpy(windows[:, :-1].copy()), "target": torch.from_numpy(windows[:, 1:].copy())}
         if self.token_bytes is not None:
             batch["bytes"] = torch.from_numpy(self.token_bytes[windows[:, 1:]].sum(axis=1))
         return batch
@@ -275,11 +310,17 @@ class LoaderDataset(IterableDataset):
         return self.loader.iter_batches(self.start, first=first, stride=stride)
 
 
-def make_dataloader(loader: BatchLoader, start: dict | None = None, *, num_workers: int = 0,
-                    pin_memory: bool = False) -> DataLoader:
+def make_dataloader(
+    loader: BatchLoader, start: dict | None = None, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """A torch DataLoader yielding the loader's batches from ``start`` (already batched)."""
-    return DataLoader(LoaderDataset(loader, start), batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+    return DataLoader(
+        LoaderDataset(loader, start),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -290,4 +331,3 @@ def _check_seed(seed: int) -> int:
     if seed < 0:
         raise ConfigError(f"seed={seed} must be >= 0")
     return int(seed)
-

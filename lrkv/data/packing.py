@@ -21,8 +21,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def pack_documents(token_docs: Iterable[Sequence[int]], eos_id: int,
-                   dtype: np.dtype | type = np.int64) -> np.ndarray:
+def pack_documents(token_docs: Iterable[Sequence[int]], eos_id: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
     """Concatenate documents, each followed by ``eos_id``, into one 1-D array."""
     parts = []
     for ids in token_docs:
@@ -40,7 +39,7 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
 def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
     """Window ``index`` of the stream: ``seq_len + 1`` tokens starting at ``index * seq_len``."""
     start = index * seq_len
-    out = tokens[start:start + seq_len + 1]
+    out = tokens[start : start + seq_len + 1]
     if len(out) != seq_len + 1:
         raise IndexError(f"window {index} runs past the end of a {len(tokens)}-token stream")
     return out

@@ -29,9 +29,17 @@ INDEX_VERSION = 1
 DEFAULT_SHARD_TOKENS = 2**27  # 128M tokens: 256 MB of uint16 per file
 
 
-def write_shards(texts: Iterable[str], tokenizer, directory: str, split: str, *,
-                 max_tokens: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 chunk: int = 512, meta: dict | None = None) -> dict:
+def write_shards(
+    texts: Iterable[str],
+    tokenizer,
+    directory: str,
+    split: str,
+    *,
+    max_tokens: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    chunk: int = 512,
+    meta: dict | None = None,
+) -> dict:
     """Tokenize ``texts`` into ``directory/{split}-NNNNN.bin`` files and write the index.
 
     Stops after the document that reaches ``max_tokens`` (EOS included). Returns the index.
@@ -58,10 +66,18 @@ def write_shards(texts: Iterable[str], tokenizer, directory: str, split: str, *,
         if pending_tokens >= shard_tokens:
             flush()
     flush()
-    index = {"version": INDEX_VERSION, "split": split, "dtype": dtype.str,
-             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-             "tokenizer_sha256": tokenizer.sha256, "num_tokens": total,
-             "num_documents": documents, "files": files, "meta": meta or {}}
+    index = {
+        "version": INDEX_VERSION,
+        "split": split,
+        "dtype": dtype.str,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer_sha256": tokenizer.sha256,
+        "num_tokens": total,
+        "num_documents": documents,
+        "files": files,
+        "meta": meta or {},
+    }
     atomic_write(index_path(directory, split), json.dumps(index, indent=1))
     return index
 
@@ -74,23 +90,27 @@ def read_index(directory: str, split: str) -> dict:
     """The shard index of one split; DataError naming the fix if it is missing or unreadable."""
     path = index_path(directory, split)
     if not os.path.isfile(path):
-        raise DataError(f"no token shards for split {split!r} in {directory!r} (missing "
-                        f"{os.path.basename(path)}): build them with lrkv.data.shards.write_shards "
-                        "or set data.storage=memory")
+        raise DataError(
+            f"no token shards for split {split!r} in {directory!r} (missing "
+            f"{os.path.basename(path)}): build them with lrkv.data.shards.write_shards "
+            "or set data.storage=memory"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"unreadable shard index {path!r}: {e}; delete the directory to "
-                        "rebuild") from e
+        raise DataError(f"unreadable shard index {path!r}: {e}; delete the directory to rebuild") from e
     if index.get("version") != INDEX_VERSION:
-        raise DataError(f"shard index {path!r} has version {index.get('version')}, expected "
-                        f"{INDEX_VERSION}: delete the directory to rebuild")
+        raise DataError(
+            f"shard index {path!r} has version {index.get('version')}, expected "
+            f"{INDEX_VERSION}: delete the directory to rebuild"
+        )
     return index
 
 
-def load_or_write_shards(texts: Callable[[], Iterable[str]], tokenizer, directory: str,
-                         split: str, **write_kwargs) -> ShardTokens:
+def load_or_write_shards(
+    texts: Callable[[], Iterable[str]], tokenizer, directory: str, split: str, **write_kwargs
+) -> ShardTokens:
     """Open the shards of ``split`` in ``directory``, writing them from ``texts()`` when missing
     or made with another tokenizer. ``directory`` should be keyed by the corpus and settings."""
     path = index_path(directory, split)
@@ -110,16 +130,17 @@ class ShardTokens:
     def __init__(self, directory: str, split: str, *, tokenizer_sha256: str | None = None):
         self.index = read_index(directory, split)
         if tokenizer_sha256 is not None and self.index["tokenizer_sha256"] != tokenizer_sha256:
-            raise DataError(f"token shards in {directory!r} were made with another tokenizer: "
-                            "delete them to rebuild, or use the tokenizer they were made with")
+            raise DataError(
+                f"token shards in {directory!r} were made with another tokenizer: "
+                "delete them to rebuild, or use the tokenizer they were made with"
+            )
         self.dtype = np.dtype(self.index["dtype"])
         self.arrays = []
         for entry in self.index["files"]:
             path = os.path.join(directory, entry["name"])
             size = entry["tokens"] * self.dtype.itemsize
             if not os.path.isfile(path) or os.path.getsize(path) != size:
-                raise DataError(f"token shard {path!r} is missing or truncated: delete "
-                                f"{directory!r} to rebuild")
+                raise DataError(f"token shard {path!r} is missing or truncated: delete {directory!r} to rebuild")
             self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
         self.ends = np.cumsum([len(a) for a in self.arrays], dtype=np.int64)
         self.num_documents = int(self.index["num_documents"])
@@ -133,9 +154,8 @@ class ShardTokens:
         while length > 0 and start < self.num_tokens():
             i = int(np.searchsorted(self.ends, start, side="right"))
             file_start = int(self.ends[i - 1]) if i else 0
-            piece = self.arrays[i][start - file_start:start - file_start + length]
+            piece = self.arrays[i][start - file_start : start - file_start + length]
             pieces.append(piece)
             start += len(piece)
             length -= len(piece)
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
-

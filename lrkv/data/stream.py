@@ -36,9 +36,19 @@ _STATE_VERSION = 1
 class StreamLoader:
     """Batches `{"input", "target", "bytes", "state"}` from `documents()` (a fresh iterator of texts per call)."""
 
-    def __init__(self, documents: Callable[[], Iterable[str]], tokenizer, *, seq_len: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, block_documents: int = 1024,
-                 token_bytes: torch.Tensor | None = None):
+    def __init__(
+        self,
+        documents: Callable[[], Iterable[str]],
+        tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        block_documents: int = 1024,
+        token_bytes: torch.Tensor | None = None,
+    ):
         check_seq_len(seq_len)
         if batch_size < 1 or block_documents < 1:
             raise ConfigError(f"batch_size={batch_size} and block_documents={block_documents} must be >= 1")
@@ -54,16 +64,26 @@ class StreamLoader:
         return self._state(0, 0, 0)
 
     def _state(self, epoch: int, block: int, window: int) -> dict:
-        return {"version": _STATE_VERSION, "kind": "stream", "epoch": epoch, "block": block, "window": window,
-                "seed": self.seed, "seq_len": self.seq_len, "world_size": self.world_size,
-                "block_documents": self.block_documents}
+        return {
+            "version": _STATE_VERSION,
+            "kind": "stream",
+            "epoch": epoch,
+            "block": block,
+            "window": window,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "block_documents": self.block_documents,
+        }
 
     def check_state(self, state: dict) -> None:
         expected = self.initial_state()
         for key in ("kind", "seed", "seq_len", "world_size", "block_documents"):
             if state.get(key) != expected[key]:
-                raise DataError(f"data state was saved with {key}={state.get(key)!r}, this run has {expected[key]!r}; "
-                                "resume with the same data settings and number of processes")
+                raise DataError(
+                    f"data state was saved with {key}={state.get(key)!r}, this run has {expected[key]!r}; "
+                    "resume with the same data settings and number of processes"
+                )
 
     # ---- iteration ----------------------------------------------------------------------------
     def iter_batches(self, start: dict | None = None) -> Iterator[dict]:
@@ -75,11 +95,15 @@ class StreamLoader:
             for block_index, windows in self._blocks(epoch, first_block=block):
                 for w in range(window, len(windows) - self.batch_size + 1, self.batch_size):
                     served_any = True
-                    yield self._batch(windows[w : w + self.batch_size], self._state(epoch, block_index, w + self.batch_size))
+                    yield self._batch(
+                        windows[w : w + self.batch_size], self._state(epoch, block_index, w + self.batch_size)
+                    )
                 window = 0
             if not served_any and block == 0:
-                raise DataError("the stream holds too few tokens for one batch of "
-                                f"{self.batch_size} x {self.seq_len + 1} tokens per rank; lower seq_len or batch_size")
+                raise DataError(
+                    "the stream holds too few tokens for one batch of "
+                    f"{self.batch_size} x {self.seq_len + 1} tokens per rank; lower seq_len or batch_size"
+                )
             epoch, block, window = epoch + 1, 0, 0
 
     def _blocks(self, epoch: int, first_block: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -127,8 +151,9 @@ class StreamDataset(IterableDataset):
         return self.loader.iter_batches(self.start)
 
 
-def make_stream_dataloader(loader: StreamLoader, start: dict | None = None, *, num_workers: int = 0,
-                           pin_memory: bool = False) -> DataLoader:
+def make_stream_dataloader(
+    loader: StreamLoader, start: dict | None = None, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     if num_workers > 1:
         raise ConfigError("data.storage=stream reads one stream: use data.num_workers=0 or 1 (1 overlaps tokenization)")
     return DataLoader(StreamDataset(loader, start), batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

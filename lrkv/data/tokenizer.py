@@ -41,8 +41,7 @@ class Tokenizer:
         backend.encode_special_tokens = True  # text never turns into special tokens
         eos_id = backend.token_to_id(eos_token)
         if eos_id is None:
-            raise DataError(f"tokenizer has no {eos_token!r} token: add it as a special token "
-                            "or use a GPT-2 style BPE")
+            raise DataError(f"tokenizer has no {eos_token!r} token: add it as a special token or use a GPT-2 style BPE")
         backend.add_special_tokens([AddedToken(eos_token, special=True)])  # no-op if present
         self.backend = backend
         self.eos_token = eos_token
@@ -97,14 +96,18 @@ class Tokenizer:
             if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
                 path = os.path.join(path, TOKENIZER_FILE)
             elif all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
-                return cls.from_gpt2_files(os.path.join(path, "vocab.json"),
-                                           os.path.join(path, "merges.txt"), eos_token)
+                return cls.from_gpt2_files(
+                    os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), eos_token
+                )
             else:
-                raise DataError(f"no tokenizer.json or vocab.json+merges.txt in {path!r}: "
-                                "point tokenizer.path at a tokenizer directory or file")
+                raise DataError(
+                    f"no tokenizer.json or vocab.json+merges.txt in {path!r}: "
+                    "point tokenizer.path at a tokenizer directory or file"
+                )
         if not os.path.isfile(path):
-            raise DataError(f"tokenizer file {path!r} does not exist: fix tokenizer.path, "
-                            "or train one with tokenizer=bpe")
+            raise DataError(
+                f"tokenizer file {path!r} does not exist: fix tokenizer.path, or train one with tokenizer=bpe"
+            )
         try:
             backend = _Backend.from_file(path)
         except Exception as e:  # the Rust parser raises plain Exception
@@ -112,8 +115,7 @@ class Tokenizer:
         return cls(backend, eos_token)
 
     @classmethod
-    def from_gpt2_files(cls, vocab_path: str, merges_path: str,
-                        eos_token: str = EOS_TOKEN) -> Tokenizer:
+    def from_gpt2_files(cls, vocab_path: str, merges_path: str, eos_token: str = EOS_TOKEN) -> Tokenizer:
         """Byte-level BPE from GPT-2 style files (vocab.json: token -> id; merges.txt)."""
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
@@ -123,8 +125,9 @@ class Tokenizer:
         return cls(backend, eos_token)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-              max_chars: int | None = None) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, max_chars: int | None = None
+) -> Tokenizer:
     """Train a byte-level BPE with ``vocab_size`` ids (256 bytes + ``<|endoftext|>`` + merges).
 
     ``max_chars`` stops reading texts once that many characters were seen (whole documents).
@@ -134,42 +137,63 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
         raise ConfigError(f"vocab_size={vocab_size} is too small for byte-level BPE: use >= 257")
     backend = _Backend(models.BPE())
     _make_byte_level(backend)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(_limit_chars(texts, max_chars), trainer)
     return Tokenizer(backend)
 
 
-def bpe_cache_path(cache_dir: str, *, vocab_size: int, corpus_key: dict, min_frequency: int = 2,
-                   max_chars: int | None = None) -> str:
+def bpe_cache_path(
+    cache_dir: str, *, vocab_size: int, corpus_key: dict, min_frequency: int = 2, max_chars: int | None = None
+) -> str:
     """Where ``load_or_train_bpe`` keeps the tokenizer for these settings."""
-    key = {"kind": "byte-level-bpe", "version": _CACHE_VERSION, "vocab_size": vocab_size,
-           "min_frequency": min_frequency, "max_chars": max_chars, "corpus": corpus_key}
+    key = {
+        "kind": "byte-level-bpe",
+        "version": _CACHE_VERSION,
+        "vocab_size": vocab_size,
+        "min_frequency": min_frequency,
+        "max_chars": max_chars,
+        "corpus": corpus_key,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(cache_dir, "tokenizers", f"bpe{vocab_size}-{digest}", TOKENIZER_FILE)
 
 
-def load_or_train_bpe(texts: Callable[[], Iterable[str]], *, vocab_size: int, cache_dir: str,
-                      corpus_key: dict, min_frequency: int = 2,
-                      max_chars: int | None = None) -> Tokenizer:
+def load_or_train_bpe(
+    texts: Callable[[], Iterable[str]],
+    *,
+    vocab_size: int,
+    cache_dir: str,
+    corpus_key: dict,
+    min_frequency: int = 2,
+    max_chars: int | None = None,
+) -> Tokenizer:
     """The cached BPE for these settings, training it (from ``texts()``) only when missing.
 
     ``texts`` is a zero-argument callable so that a cache hit reads no corpus at all.
     """
-    path = bpe_cache_path(cache_dir, vocab_size=vocab_size, corpus_key=corpus_key,
-                          min_frequency=min_frequency, max_chars=max_chars)
+    path = bpe_cache_path(
+        cache_dir, vocab_size=vocab_size, corpus_key=corpus_key, min_frequency=min_frequency, max_chars=max_chars
+    )
     if os.path.isfile(path):
         return Tokenizer.load(path)
     tokenizer = train_bpe(texts(), vocab_size, min_frequency=min_frequency, max_chars=max_chars)
     tokenizer.save(path)
-    atomic_write(os.path.join(os.path.dirname(path), "key.json"),
-                       json.dumps({"vocab_size": vocab_size, "corpus": corpus_key}, indent=1))
+    atomic_write(
+        os.path.join(os.path.dirname(path), "key.json"),
+        json.dumps({"vocab_size": vocab_size, "corpus": corpus_key}, indent=1),
+    )
     return tokenizer
 
 
-def encode_documents(tokenizer: Tokenizer, texts: Iterable[str], *, max_tokens: int | None = None,
-                     chunk: int = 512) -> Iterator[list[int]]:
+def encode_documents(
+    tokenizer: Tokenizer, texts: Iterable[str], *, max_tokens: int | None = None, chunk: int = 512
+) -> Iterator[list[int]]:
     """Token ids of each text (no EOS), encoded ``chunk`` texts at a time; stops after the document
     that brings the total, counting one EOS per document, to ``max_tokens``."""
     total = 0
@@ -210,8 +234,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.LongTensor:
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, used by byte-level BPE vocabularies."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -234,4 +259,3 @@ def _limit_chars(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
             return
         seen += len(text)
         yield text
-

@@ -22,14 +22,42 @@ from lrkv.errors import ConfigError
 from lrkv.evaluation.report import markdown_table, text_table, write_csv, write_json
 from lrkv.evaluation.runs import expand_runs, read_metrics, read_run_config, read_summary
 
-COLUMNS = ("name", "attention", "params", "kv_bytes_per_token", "steps", "tokens", "final_train_loss",
-           "final_val_loss", "final_val_bpb", "tokens_per_s", "steps_to_target", "tokens_to_target",
-           "vs_baseline")
-FORMATS = {"final_train_loss": ".4f", "final_val_loss": ".4f", "final_val_bpb": ".4f", "tokens_per_s": ",.0f",
-           "params": ",", "kv_bytes_per_token": ",", "tokens": ",", "tokens_to_target": ",", "vs_baseline": ".2f"}
-HEADERS = {"kv_bytes_per_token": "KV B/token", "final_train_loss": "train loss", "final_val_loss": "val loss",
-           "final_val_bpb": "val bpb", "tokens_per_s": "tok/s", "steps_to_target": "steps to target",
-           "tokens_to_target": "tokens to target", "vs_baseline": "vs baseline"}
+COLUMNS = (
+    "name",
+    "attention",
+    "params",
+    "kv_bytes_per_token",
+    "steps",
+    "tokens",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_bpb",
+    "tokens_per_s",
+    "steps_to_target",
+    "tokens_to_target",
+    "vs_baseline",
+)
+FORMATS = {
+    "final_train_loss": ".4f",
+    "final_val_loss": ".4f",
+    "final_val_bpb": ".4f",
+    "tokens_per_s": ",.0f",
+    "params": ",",
+    "kv_bytes_per_token": ",",
+    "tokens": ",",
+    "tokens_to_target": ",",
+    "vs_baseline": ".2f",
+}
+HEADERS = {
+    "kv_bytes_per_token": "KV B/token",
+    "final_train_loss": "train loss",
+    "final_val_loss": "val loss",
+    "final_val_bpb": "val bpb",
+    "tokens_per_s": "tok/s",
+    "steps_to_target": "steps to target",
+    "tokens_to_target": "tokens to target",
+    "vs_baseline": "vs baseline",
+}
 METRICS = ("val_loss", "train_loss")
 
 
@@ -57,17 +85,20 @@ def load_run(path: Path) -> dict:
     model_cfg = config.get("model") if isinstance(config.get("model"), dict) else None
     name = summary.get("name") or (model_cfg or {}).get("name")
     run = {
-        "path": str(path), "name": name or path.name,
+        "path": str(path),
+        "name": name or path.name,
         "model": summary.get("model") or (model_cfg or {}).get("name"),
         "attention": summary.get("attention") or (model_cfg or {}).get("attention"),
-        "params": summary.get("params"), "kv_bytes_per_token": summary.get("kv_bytes_per_token"),
+        "params": summary.get("params"),
+        "kv_bytes_per_token": summary.get("kv_bytes_per_token"),
         "steps": summary.get("steps") or _last(metrics.get("step")),
         "tokens": summary.get("tokens") or _last(metrics.get("tokens")),
         "final_train_loss": summary.get("final_train_loss", _last(metrics.get("train_loss"))),
         "final_val_loss": summary.get("final_val_loss", _last(metrics.get("val_loss"))),
         "final_val_bpb": summary.get("final_val_bpb", _last(metrics.get("val_bpb"))),
         "tokens_per_s": summary.get("tokens_per_s"),
-        "method": summary.get("method"), "source": summary.get("source"),  # post-training compressed models
+        "method": summary.get("method"),
+        "source": summary.get("source"),  # post-training compressed models
         "kv_ratio": summary.get("kv_ratio"),
         "metrics": metrics,
     }
@@ -87,8 +118,11 @@ def load_run(path: Path) -> dict:
 def steps_to_target(metrics: dict, target: float, metric: str = "val_loss") -> tuple[int | None, int | None]:
     """(step, tokens) of the first logged row whose `metric` is <= target; (None, None) if never."""
     steps, tokens, values = metrics.get("step", []), metrics.get("tokens", []), metrics.get(metric, [])
-    rows = sorted((s, t, v) for s, t, v in zip(steps, tokens + [None] * len(steps), values)
-                  if isinstance(s, (int, float)) and isinstance(v, (int, float)))
+    rows = sorted(
+        (s, t, v)
+        for s, t, v in zip(steps, tokens + [None] * len(steps), values)
+        if isinstance(s, (int, float)) and isinstance(v, (int, float))
+    )
     for step, tok, value in rows:
         if value <= target:
             return int(step), (int(tok) if isinstance(tok, (int, float)) else None)
@@ -129,8 +163,7 @@ def compare_runs(paths, target: float | None = None, baseline: str | None = None
     for run in runs:
         s = run["steps_to_target"]
         run["vs_baseline"] = s / base_steps if s is not None and base_steps else None
-    return {"runs": runs, "target": float(target), "target_source": source, "metric": metric,
-            "baseline": base["name"]}
+    return {"runs": runs, "target": float(target), "target_source": source, "metric": metric, "baseline": base["name"]}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -177,8 +210,11 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / fname)
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    pts = [(r["kv_bytes_per_token"], r["final_val_loss"], r["name"], i) for i, r in enumerate(runs)
-           if r["kv_bytes_per_token"] and r["final_val_loss"] is not None]
+    pts = [
+        (r["kv_bytes_per_token"], r["final_val_loss"], r["name"], i)
+        for i, r in enumerate(runs)
+        if r["kv_bytes_per_token"] and r["final_val_loss"] is not None
+    ]
     trained = [p for p in pts if not runs[p[3]].get("method")]
     for n, (cost, loss, name, i) in enumerate(trained):
         ax.scatter([cost], [loss], color=colors[n % len(colors)], s=45, zorder=3)
@@ -190,15 +226,24 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
             groups.setdefault((run.get("source"), run["method"]), []).append(p)
     for (source, method), group in groups.items():
         group.sort()
-        ax.plot([g[0] for g in group], [g[1] for g in group], marker="s", ms=4, lw=1.2, ls="--",
-                label=f"{source} + {method} (post-training)")
+        ax.plot(
+            [g[0] for g in group],
+            [g[1] for g in group],
+            marker="s",
+            ms=4,
+            lw=1.2,
+            ls="--",
+            label=f"{source} + {method} (post-training)",
+        )
         for cost, loss, _, i in group:
             ratio = runs[i].get("kv_ratio")
             if ratio:
                 ax.annotate(f"{ratio:.2f}", (cost, loss), textcoords="offset points", xytext=(4, -10), fontsize=7)
     if pts:
         front = pareto_front([(p[0], p[1]) for p in pts])
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="gray", ls=":", lw=1, label="Pareto front")
+        ax.plot(
+            [pts[i][0] for i in front], [pts[i][1] for i in front], color="gray", ls=":", lw=1, label="Pareto front"
+        )
         ax.set_xscale("log")
         ax.legend(fontsize=8)
     ax.set_xlabel("KV-cache bytes per token (bf16, all layers)")
@@ -214,8 +259,10 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
 
 def report_compare(result: dict, out_dir: str | Path | None = None) -> str:
     rows = result["runs"]
-    header = (f"target {result['metric']} = {result['target']:.4f} ({result['target_source']}); "
-              f"steps to target = first logged step with {result['metric']} <= target; baseline: {result['baseline']}")
+    header = (
+        f"target {result['metric']} = {result['target']:.4f} ({result['target_source']}); "
+        f"steps to target = first logged step with {result['metric']} <= target; baseline: {result['baseline']}"
+    )
     text = header + "\n" + text_table(rows, COLUMNS, FORMATS, HEADERS)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -224,7 +271,12 @@ def report_compare(result: dict, out_dir: str | Path | None = None) -> str:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.md").write_text(md)
         write_csv(out_dir / "compare.csv", rows, COLUMNS + ("path",))
-        write_json(out_dir / "compare.json", {**{k: v for k, v in result.items() if k != "runs"},
-                                              "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in rows]})
+        write_json(
+            out_dir / "compare.json",
+            {
+                **{k: v for k, v in result.items() if k != "runs"},
+                "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in rows],
+            },
+        )
         plot_compare(result, out_dir)
     return text

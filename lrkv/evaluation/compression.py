@@ -30,7 +30,11 @@ def kv_bytes(model, dtype=torch.bfloat16) -> int:
 
 
 def score(pretrained: Pretrained, data_cfg: dict | None, loss_opts: dict | None = None) -> dict:
-    loss_opts = {k: v for k, v in (loss_opts or {}).items() if k in ("split", "seq_len", "max_batches", "max_tokens", "batch_size")}
+    loss_opts = {
+        k: v
+        for k, v in (loss_opts or {}).items()
+        if k in ("split", "seq_len", "max_batches", "max_tokens", "batch_size")
+    }
     return evaluate_checkpoint_loss(pretrained, data_cfg, **loss_opts)
 
 
@@ -38,9 +42,14 @@ def write_point(folder: Path, name: str, pretrained: Pretrained, loss: dict, ext
     """summary.json of a compressed model, in the training-run format that compare reads."""
     model = pretrained.model
     summary = {
-        "name": name, "model": model.cfg.name, "attention": model.cfg.attention,
-        "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-        "kv_bytes_per_token": kv_bytes(model), "final_val_loss": loss["loss"], "final_val_bpb": loss.get("bpb"),
+        "name": name,
+        "model": model.cfg.name,
+        "attention": model.cfg.attention,
+        "params": model.num_params(),
+        "non_embedding_params": model.num_params(non_embedding=True),
+        "kv_bytes_per_token": kv_bytes(model),
+        "final_val_loss": loss["loss"],
+        "final_val_bpb": loss.get("bpb"),
         **extra,
     }
     write_json(folder / "summary.json", summary)
@@ -55,8 +64,16 @@ def split_options(options: dict) -> tuple[dict, list | None]:
     return options, budgets
 
 
-def compress_checkpoint(ckpt, options: dict, out: Path, *, device: str = "cpu", loss_opts: dict | None = None,
-                        data_cfg: dict | None = None, lm_eval=None) -> dict:
+def compress_checkpoint(
+    ckpt,
+    options: dict,
+    out: Path,
+    *,
+    device: str = "cpu",
+    loss_opts: dict | None = None,
+    data_cfg: dict | None = None,
+    lm_eval=None,
+) -> dict:
     """Compress one checkpoint with options (configs/compress/*.yaml; `budgets: [...]` compresses at several),
     save each compressed model under `out`, and report held-out loss / bpb next to the source model."""
     from lrkv.compress import compress_sweep, fit_compression, save_compressed
@@ -69,12 +86,29 @@ def compress_checkpoint(ckpt, options: dict, out: Path, *, device: str = "cpu", 
     options, budgets = split_options(options)
     source_name = (read_summary(run_dir).get("name") if run_dir else None) or source.model.cfg.name
     base = score(source, data_cfg, loss_opts)
-    rows = [{"name": source_name, "method": "none", "budget": 1.0, "kv_ratio": 1.0, "kv_bytes_per_token": kv_bytes(source.model),
-             "val_loss": base["loss"], "val_bpb": base.get("bpb"), "folder": str(source.path)}]
+    rows = [
+        {
+            "name": source_name,
+            "method": "none",
+            "budget": 1.0,
+            "kv_ratio": 1.0,
+            "kv_bytes_per_token": kv_bytes(source.model),
+            "val_loss": base["loss"],
+            "val_bpb": base.get("bpb"),
+            "folder": str(source.path),
+        }
+    ]
     out = Path(out)
     if budgets:
-        made = compress_sweep(source.model, None, methods=(options.pop("method", "stief"),), budgets=budgets,
-                              out_dir=out, tokenizer=source.tokenizer, **options)
+        made = compress_sweep(
+            source.model,
+            None,
+            methods=(options.pop("method", "stief"),),
+            budgets=budgets,
+            out_dir=out,
+            tokenizer=source.tokenizer,
+            **options,
+        )
         folders = [Path(m["folder"]) for m in made]
     else:
         model, report = fit_compression(source.model, None, tokenizer=source.tokenizer, **options).compress()
@@ -85,12 +119,23 @@ def compress_checkpoint(ckpt, options: dict, out: Path, *, device: str = "cpu", 
         attn = compressed.model.cfg.attn_options
         name = f"{source_name}-{attn.get('method')}-{attn.get('kv_ratio', 0):.2f}"
         loss = score(compressed, data_cfg, loss_opts)
-        extra = {"source": source_name, "method": attn.get("method"), "budget": attn.get("budget"),
-                 "kv_ratio": attn.get("kv_ratio")}
+        extra = {
+            "source": source_name,
+            "method": attn.get("method"),
+            "budget": attn.get("budget"),
+            "kv_ratio": attn.get("kv_ratio"),
+        }
         summary = write_point(folder, name, compressed, loss, extra)
-        row = {"name": name, "method": extra["method"], "budget": extra["budget"], "kv_ratio": extra["kv_ratio"],
-               "kv_bytes_per_token": summary["kv_bytes_per_token"], "val_loss": loss["loss"], "val_bpb": loss.get("bpb"),
-               "folder": str(folder)}
+        row = {
+            "name": name,
+            "method": extra["method"],
+            "budget": extra["budget"],
+            "kv_ratio": extra["kv_ratio"],
+            "kv_bytes_per_token": summary["kv_bytes_per_token"],
+            "val_loss": loss["loss"],
+            "val_bpb": loss.get("bpb"),
+            "folder": str(folder),
+        }
         if lm_eval is not None:
             row["lm_eval"] = lm_eval(compressed, folder)
         rows.append(row)
@@ -109,8 +154,15 @@ def report_compression(result: dict, out: Path) -> str:
     return f"KV compression of {result['source']} (held-out loss)\n" + text_table(rows, COLUMNS, FORMATS)
 
 
-def compression_study(run_dirs: list, out: Path, *, methods=("eigen", "stief"), budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
-                      options: dict | None = None, source_attention: str = "mha") -> dict:
+def compression_study(
+    run_dirs: list,
+    out: Path,
+    *,
+    methods=("eigen", "stief"),
+    budgets=(0.5, 0.6, 0.7, 0.8, 0.9),
+    options: dict | None = None,
+    source_attention: str = "mha",
+) -> dict:
     """Compress the first `source_attention` run at every budget with every method, then one compare
     table and plot of trained and compressed models (validation loss vs KV bytes per token)."""
     from lrkv.evaluation.compare import compare_runs, report_compare
@@ -119,7 +171,9 @@ def compression_study(run_dirs: list, out: Path, *, methods=("eigen", "stief"), 
     runs = expand_runs(run_dirs)
     source = next((r for r in runs if read_summary(r).get("attention") == source_attention), None)
     if source is None:
-        raise ConfigError(f"no {source_attention} run among {', '.join(map(str, runs))}; the study compresses a full-attention run")
+        raise ConfigError(
+            f"no {source_attention} run among {', '.join(map(str, runs))}; the study compresses a full-attention run"
+        )
     out = Path(out)
     compressed = []
     for method in methods:

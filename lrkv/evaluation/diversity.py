@@ -67,7 +67,9 @@ def head_maps(attn) -> tuple[torch.Tensor, torch.Tensor]:
         k_nope = w_dkv[None] @ w_uk  # (H, d, d_h)
         k_rope = attn.w_kr.weight.to(f64).t()[None].expand(h, d, attn.d_r)
         return wq, torch.cat([k_nope, k_rope], dim=-1)
-    raise ConfigError(f"head diversity does not know attention kind {kind!r}; add its maps to lrkv/evaluation/diversity.py")
+    raise ConfigError(
+        f"head diversity does not know attention kind {kind!r}; add its maps to lrkv/evaluation/diversity.py"
+    )
 
 
 def gram_matrix(wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
@@ -101,8 +103,11 @@ def head_diversity(model) -> list[dict]:
 
 def diversity_summary(rows: list[dict]) -> dict:
     vals = [r["percent_of_heads"] for r in rows if not math.isnan(r["percent_of_heads"])]
-    return {"mean_percent": sum(vals) / len(vals) if vals else float("nan"),
-            "min_percent": min(vals) if vals else float("nan"), "max_percent": max(vals) if vals else float("nan")}
+    return {
+        "mean_percent": sum(vals) / len(vals) if vals else float("nan"),
+        "min_percent": min(vals) if vals else float("nan"),
+        "max_percent": max(vals) if vals else float("nan"),
+    }
 
 
 def report_diversity(results: dict[str, dict], out_dir: str | Path | None = None) -> str:
@@ -121,13 +126,21 @@ def report_diversity(results: dict[str, dict], out_dir: str | Path | None = None
         mean[name] = diversity_summary(results[name]["rows"])["mean_percent"]
     columns = ["layer"] + names
     formats = {n: ".1f" for n in names}
-    text = ("head diversity: effective rank of the Gram matrix of per-head W_Q,h W_K,hᵀ, % of H\n"
-            + text_table(table + [mean], columns, formats))
+    text = "head diversity: effective rank of the Gram matrix of per-head W_Q,h W_K,hᵀ, % of H\n" + text_table(
+        table + [mean], columns, formats
+    )
     if out_dir is not None:
         out_dir = Path(out_dir)
         flat = [{"model": n, "attention": results[n].get("attention"), **r} for n in names for r in results[n]["rows"]]
-        write_csv(out_dir / "diversity.csv", flat, ["model", "attention", "layer", "heads", "effective_rank", "percent_of_heads"])
-        write_json(out_dir / "diversity.json", {n: {**results[n], "summary": diversity_summary(results[n]["rows"])} for n in names})
+        write_csv(
+            out_dir / "diversity.csv",
+            flat,
+            ["model", "attention", "layer", "heads", "effective_rank", "percent_of_heads"],
+        )
+        write_json(
+            out_dir / "diversity.json",
+            {n: {**results[n], "summary": diversity_summary(results[n]["rows"])} for n in names},
+        )
         plot_diversity(results, out_dir / "diversity.png")
     return text
 

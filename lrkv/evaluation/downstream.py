@@ -51,10 +51,25 @@ def check_tasks(manager, names: list[str]) -> None:
         raise ConfigError(f"unknown lm-eval task {name!r}{hint}")
 
 
-def run_lm_eval(checkpoint, tasks, *, include_path=None, include_defaults: bool = True, num_fewshot: int | None = None,
-                limit: float | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-                max_length: int | None = None, max_gen_toks: int = 256, bootstrap_iters: int = 0, seed: int = 0,
-                log_samples: bool = False, gen_kwargs: str | dict | None = None, prefix_eos: bool = True) -> dict:
+def run_lm_eval(
+    checkpoint,
+    tasks,
+    *,
+    include_path=None,
+    include_defaults: bool = True,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_length: int | None = None,
+    max_gen_toks: int = 256,
+    bootstrap_iters: int = 0,
+    seed: int = 0,
+    log_samples: bool = False,
+    gen_kwargs: str | dict | None = None,
+    prefix_eos: bool = True,
+) -> dict:
     """Evaluate a checkpoint (path or loaded Pretrained) on lm-eval tasks; returns lm-eval's results dict."""
     import lm_eval
 
@@ -63,21 +78,42 @@ def run_lm_eval(checkpoint, tasks, *, include_path=None, include_defaults: bool 
     names = _task_list(tasks)
     manager = task_manager(include_path, include_defaults)
     check_tasks(manager, names)
-    lm = LrkvLM(checkpoint=checkpoint, device=device, batch_size=batch_size, dtype=dtype, max_length=max_length,
-                max_gen_toks=max_gen_toks, prefix_eos=prefix_eos)
+    lm = LrkvLM(
+        checkpoint=checkpoint,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+        max_length=max_length,
+        max_gen_toks=max_gen_toks,
+        prefix_eos=prefix_eos,
+    )
     start = time.perf_counter()
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            bootstrap_iters=bootstrap_iters, log_samples=log_samples, gen_kwargs=gen_kwargs,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            gen_kwargs=gen_kwargs,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     except ConnectionError as e:
         raise DataError(f"lm-eval could not fetch a dataset ({e}); use cached or local task data") from None
     results = results or {}
-    results["lrkv"] = {"checkpoint": str(getattr(lm.pretrained, "path", checkpoint)), "seconds": time.perf_counter() - start,
-                       "model": lm.model.cfg.to_dict(), "batch_size": lm.batch_size, "max_length": lm.max_length,
-                       "prefix_eos": lm.prefix_eos}
+    results["lrkv"] = {
+        "checkpoint": str(getattr(lm.pretrained, "path", checkpoint)),
+        "seconds": time.perf_counter() - start,
+        "model": lm.model.cfg.to_dict(),
+        "batch_size": lm.batch_size,
+        "max_length": lm.max_length,
+        "prefix_eos": lm.prefix_eos,
+    }
     return results
 
 
@@ -85,8 +121,9 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} without stderr entries and aliases (metric names keep lm-eval's ',filter')."""
     out = {}
     for task, metrics in (results.get("results") or {}).items():
-        out[task] = {k: v for k, v in metrics.items()
-                     if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))}
+        out[task] = {
+            k: v for k, v in metrics.items() if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))
+        }
     return out
 
 

@@ -22,13 +22,35 @@ from lrkv.evaluation.report import markdown_table, text_table, write_csv
 from lrkv.evaluation.runs import parse_dtype
 from lrkv.model import Transformer
 
-COLUMNS = ("model", "attention", "params", "non_embedding_params", "kv_bytes_per_token", "analytic_bytes_per_token",
-           "kv_mib", "ratio_to_mha", "context", "batch_size", "dtype")
-FORMATS = {"kv_mib": ".1f", "ratio_to_mha": ".3f", "params": ",", "non_embedding_params": ",",
-           "kv_bytes_per_token": ",", "analytic_bytes_per_token": ","}
-HEADERS = {"non_embedding_params": "non-emb params", "kv_bytes_per_token": "KV B/token",
-           "analytic_bytes_per_token": "analytic B/token", "kv_mib": "KV MiB", "ratio_to_mha": "vs MHA",
-           "batch_size": "batch"}
+COLUMNS = (
+    "model",
+    "attention",
+    "params",
+    "non_embedding_params",
+    "kv_bytes_per_token",
+    "analytic_bytes_per_token",
+    "kv_mib",
+    "ratio_to_mha",
+    "context",
+    "batch_size",
+    "dtype",
+)
+FORMATS = {
+    "kv_mib": ".1f",
+    "ratio_to_mha": ".3f",
+    "params": ",",
+    "non_embedding_params": ",",
+    "kv_bytes_per_token": ",",
+    "analytic_bytes_per_token": ",",
+}
+HEADERS = {
+    "non_embedding_params": "non-emb params",
+    "kv_bytes_per_token": "KV B/token",
+    "analytic_bytes_per_token": "analytic B/token",
+    "kv_mib": "KV MiB",
+    "ratio_to_mha": "vs MHA",
+    "batch_size": "batch",
+}
 
 
 def resolve_model_config(spec: str | ModelConfig) -> ModelConfig:
@@ -41,7 +63,9 @@ def resolve_model_config(spec: str | ModelConfig) -> ModelConfig:
 
         folder = find_pretrained_folder(path)
         if folder is None:
-            raise ConfigError(f"{path} has no model_config.json (nor pretrained/); pass a preset name or a pretrained folder")
+            raise ConfigError(
+                f"{path} has no model_config.json (nor pretrained/); pass a preset name or a pretrained folder"
+            )
         return read_model_config(folder)
     return load_model_config(str(spec))
 
@@ -70,15 +94,23 @@ def measure(cfg: ModelConfig, context: int, batch_size: int, dtype: torch.dtype)
     if total != analytic * context * batch_size:
         raise AssertionError(f"{cfg.name}: allocated cache {total} B != {analytic} B/token x {context} x {batch_size}")
     return {
-        "model": cfg.name, "attention": cfg.attention,
-        "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-        "kv_bytes_per_token": int(per_token), "analytic_bytes_per_token": int(analytic),
-        "kv_mib": total / 2**20, "ratio_to_mha": per_token / mha_bytes_per_token(cfg, dtype),
-        "context": context, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+        "model": cfg.name,
+        "attention": cfg.attention,
+        "params": model.num_params(),
+        "non_embedding_params": model.num_params(non_embedding=True),
+        "kv_bytes_per_token": int(per_token),
+        "analytic_bytes_per_token": int(analytic),
+        "kv_mib": total / 2**20,
+        "ratio_to_mha": per_token / mha_bytes_per_token(cfg, dtype),
+        "context": context,
+        "batch_size": batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
-def footprint_table(models, context: int = 2048, batch_size: int = 1, dtype: str | torch.dtype = "bfloat16") -> list[dict]:
+def footprint_table(
+    models, context: int = 2048, batch_size: int = 1, dtype: str | torch.dtype = "bfloat16"
+) -> list[dict]:
     if not models:
         raise ConfigError(f"no models given: pass models=[mha_1b,lrkv_1b,...]; presets: {', '.join(list_presets())}")
     if isinstance(models, str):
@@ -97,7 +129,10 @@ def report_footprint(rows: list[dict], out_dir: str | Path | None = None) -> str
     text = text_table(rows, columns, FORMATS, HEADERS)
     if rows:
         r = rows[0]
-        text = f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} (measured on meta-device caches == analytic)\n" + text
+        text = (
+            f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} (measured on meta-device caches == analytic)\n"
+            + text
+        )
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_csv(out_dir / "footprint.csv", rows, COLUMNS)

@@ -49,9 +49,19 @@ def _as_bool(value) -> bool:
 
 @register_model("lrkv")
 class LrkvLM(TemplateLM):
-    def __init__(self, checkpoint=None, device: str | None = "cpu", batch_size=8, dtype: str | None = "float32",
-                 max_length: int | None = None, max_gen_toks: int = 256, prefix_eos=True, pretrained=None,
-                 max_batch_size=None, **unused):
+    def __init__(
+        self,
+        checkpoint=None,
+        device: str | None = "cpu",
+        batch_size=8,
+        dtype: str | None = "float32",
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        prefix_eos=True,
+        pretrained=None,
+        max_batch_size=None,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.warning("lrkv LM ignores model_args %s", sorted(unused))
@@ -117,20 +127,20 @@ class LrkvLM(TemplateLM):
                 raise ConfigError("a scored continuation needs at least one context token")
             if len(cont) > self.max_length:
                 raise ConfigError(f"continuation of {len(cont)} tokens exceeds max_length={self.max_length}")
-            full = (ctx + cont)[-(self.max_length + 1):]
+            full = (ctx + cont)[-(self.max_length + 1) :]
             windows.append((i, full[:-1], len(cont)))
         windows.sort(key=lambda w: -len(w[1]))  # long first: little padding, and the first batch shows OOM early
         for start in range(0, len(windows), self.batch_size):
-            chunk = windows[start:start + self.batch_size]
+            chunk = windows[start : start + self.batch_size]
             width = max(len(w[1]) for w in chunk)
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, inp, _) in enumerate(chunk):
-                inputs[row, :len(inp)] = torch.tensor(inp)
+                inputs[row, : len(inp)] = torch.tensor(inp)
             logits = self.model(inputs.to(self.device))
             for row, (i, inp, n) in enumerate(chunk):
                 ctx, cont = pairs[i]
                 target = torch.tensor(cont[-n:], device=self.device)
-                logp = F.log_softmax(logits[row, len(inp) - n:len(inp)].float(), dim=-1)
+                logp = F.log_softmax(logits[row, len(inp) - n : len(inp)].float(), dim=-1)
                 score = logp.gather(-1, target[:, None]).sum().item()
                 greedy = bool((logp.argmax(-1) == target).all())
                 results[i] = (score, greedy)
@@ -148,8 +158,12 @@ class LrkvLM(TemplateLM):
         for idx, req in enumerate(requests):
             (text,) = req.args[:1]
             tokens = self.tok_encode(text)
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.eot_token_id, max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.eot_token_id, max_seq_len=self.max_length, context_len=1
+                ),
+            ):
                 owners.append(idx)
                 pairs.append((list(ctx), list(cont)))
         totals = [0.0] * len(requests)
@@ -172,7 +186,13 @@ class LrkvLM(TemplateLM):
             temperature = 0.0
         top_k = kwargs.pop("top_k", None)
         top_p = kwargs.pop("top_p", None)
-        return [s for s in until if s], int(max_gen), temperature, (int(top_k) if top_k else None), (float(top_p) if top_p else None)
+        return (
+            [s for s in until if s],
+            int(max_gen),
+            temperature,
+            (int(top_k) if top_k else None),
+            (float(top_p) if top_p else None),
+        )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         prepared = []
@@ -183,7 +203,7 @@ class LrkvLM(TemplateLM):
             ids = self.tok_encode(context)
             if self.prefix_eos or not ids:
                 ids = [self.eot_token_id] + ids
-            ids = ids[-(self.max_length - max_gen):]
+            ids = ids[-(self.max_length - max_gen) :]
             prepared.append((ids, until, max_gen, temperature, top_k, top_p))
         groups = defaultdict(list)  # equal prompt length and settings decode together
         for i, (ids, until, max_gen, temperature, top_k, top_p) in enumerate(prepared):
@@ -191,14 +211,22 @@ class LrkvLM(TemplateLM):
         outputs: list[str | None] = [None] * len(requests)
         for (_, until, max_gen, temperature, top_k, top_p), members in groups.items():
             for start in range(0, len(members), self.batch_size):
-                rows = members[start:start + self.batch_size]
+                rows = members[start : start + self.batch_size]
                 prompt = torch.tensor([prepared[i][0] for i in rows], device=self.device)
 
                 def hit_stop(row, new, until=until):
                     return bool(until) and any(s in self.tok_decode(new) for s in until)
 
-                dec = decode(self.model, prompt, max_gen, temperature=temperature, top_k=top_k, top_p=top_p,
-                             stop_token=self.eot_token_id, should_stop=hit_stop)
+                dec = decode(
+                    self.model,
+                    prompt,
+                    max_gen,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    stop_token=self.eot_token_id,
+                    should_stop=hit_stop,
+                )
                 for row, i in enumerate(rows):
                     text = self.tok_decode(dec.tokens[row])
                     for s in until:

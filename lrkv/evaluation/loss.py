@@ -27,8 +27,18 @@ import torch.nn.functional as F
 
 from lrkv.errors import ConfigError
 
-CORPUS_FIELDS = ("source", "name", "split", "val_split", "val_fraction", "split_seed", "text_field",
-                 "txt_unit", "streaming", "max_documents")
+CORPUS_FIELDS = (
+    "source",
+    "name",
+    "split",
+    "val_split",
+    "val_fraction",
+    "split_seed",
+    "text_field",
+    "txt_unit",
+    "streaming",
+    "max_documents",
+)
 
 
 @dataclass
@@ -47,8 +57,9 @@ class LossResult:
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches: Iterable[dict], token_bytes: torch.Tensor | None = None,
-                     device: str | torch.device | None = None) -> LossResult:
+def evaluate_batches(
+    model, batches: Iterable[dict], token_bytes: torch.Tensor | None = None, device: str | torch.device | None = None
+) -> LossResult:
     """Sum cross-entropy (float64 accumulation) and bytes over batches {"input", "target"[, "bytes"]}.
 
     Targets < 0 are ignored. Bytes come from the batch's "bytes" when present (rows' totals from the
@@ -73,8 +84,16 @@ def evaluate_batches(model, batches: Iterable[dict], token_bytes: torch.Tensor |
         raise ConfigError("no target tokens to evaluate: the data gave no full window (lower seq_len or add data)")
     loss = nats / tokens
     bpb = nats / (math.log(2) * nbytes) if nbytes else None
-    return LossResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=tokens, bytes=nbytes,
-                      nats=nats, batches=n_batches, seconds=time.perf_counter() - start)
+    return LossResult(
+        loss=loss,
+        ppl=math.exp(min(loss, 700.0)),
+        bpb=bpb,
+        tokens=tokens,
+        bytes=nbytes,
+        nats=nats,
+        batches=n_batches,
+        seconds=time.perf_counter() - start,
+    )
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -95,9 +114,17 @@ def flatten_data_config(data_cfg: dict | None) -> dict:
     return flat
 
 
-def heldout_batches(data_cfg: dict | None, tokenizer, *, split: str = "val", seq_len: int | None = None,
-                    batch_size: int | None = None, max_batches: int | None = None, max_tokens: int | None = None,
-                    default_seq_len: int = 256):
+def heldout_batches(
+    data_cfg: dict | None,
+    tokenizer,
+    *,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    max_tokens: int | None = None,
+    default_seq_len: int = 256,
+):
     """Packed windows of one split ("val" or "train"), in a fixed order, as the training validation
     loader makes them (one rank), tokenized with the model's own tokenizer.
 
@@ -126,18 +153,40 @@ def heldout_batches(data_cfg: dict | None, tokenizer, *, split: str = "val", seq
         max_tokens = max_tokens if max_tokens is not None else flat.get("max_tokens")
     token_bytes = token_byte_lengths(tokenizer)
     source = InMemoryTokens.from_texts(iter_documents(spec, split), tokenizer, max_tokens=max_tokens)
-    loader = BatchLoader(source, seq_len=seq_len, batch_size=int(batch_size), shuffle=False, infinite=False,
-                         token_bytes=token_bytes, max_batches=max_batches)
-    settings = {"source": spec.source, "split": split, "seq_len": seq_len, "batch_size": int(batch_size),
-                "max_batches": max_batches, "max_tokens": max_tokens, "val_fraction": spec.val_fraction,
-                "split_seed": spec.split_seed, "stream_tokens": source.num_tokens(),
-                "windows": loader.epoch_windows(0)}
+    loader = BatchLoader(
+        source,
+        seq_len=seq_len,
+        batch_size=int(batch_size),
+        shuffle=False,
+        infinite=False,
+        token_bytes=token_bytes,
+        max_batches=max_batches,
+    )
+    settings = {
+        "source": spec.source,
+        "split": split,
+        "seq_len": seq_len,
+        "batch_size": int(batch_size),
+        "max_batches": max_batches,
+        "max_tokens": max_tokens,
+        "val_fraction": spec.val_fraction,
+        "split_seed": spec.split_seed,
+        "stream_tokens": source.num_tokens(),
+        "windows": loader.epoch_windows(0),
+    }
     return loader, settings
 
 
-def evaluate_checkpoint_loss(pretrained, data_cfg: dict | None, *, split: str = "val", seq_len: int | None = None,
-                             batch_size: int | None = None, max_batches: int | None = None,
-                             max_tokens: int | None = None) -> dict:
+def evaluate_checkpoint_loss(
+    pretrained,
+    data_cfg: dict | None,
+    *,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    max_tokens: int | None = None,
+) -> dict:
     """Loss, perplexity and bits-per-byte of a loaded checkpoint on a held-out split. Returns a flat dict."""
     from lrkv.data import token_byte_lengths
     from lrkv.evaluation.runs import require_tokenizer
@@ -146,9 +195,18 @@ def evaluate_checkpoint_loss(pretrained, data_cfg: dict | None, *, split: str = 
     model = pretrained.model
     seq_len = seq_len or flatten_data_config(data_cfg).get("seq_len") or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
-        raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; lower loss.seq_len")
-    loader, settings = heldout_batches(data_cfg, tokenizer, split=split, seq_len=seq_len, batch_size=batch_size,
-                                       max_batches=max_batches, max_tokens=max_tokens,
-                                       default_seq_len=model.cfg.max_seq_len)
+        raise ConfigError(
+            f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; lower loss.seq_len"
+        )
+    loader, settings = heldout_batches(
+        data_cfg,
+        tokenizer,
+        split=split,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        max_tokens=max_tokens,
+        default_seq_len=model.cfg.max_seq_len,
+    )
     result = evaluate_batches(model, loader, token_byte_lengths(tokenizer))
     return {**settings, **result.to_dict(), "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}

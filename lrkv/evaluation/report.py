@@ -28,8 +28,9 @@ def _cells(rows: Sequence[dict], columns: Sequence[str], formats: dict | None) -
     return [[_cell(row.get(c), formats.get(c)) for c in columns] for row in rows]
 
 
-def text_table(rows: Sequence[dict], columns: Sequence[str], formats: dict | None = None,
-               headers: dict | None = None) -> str:
+def text_table(
+    rows: Sequence[dict], columns: Sequence[str], formats: dict | None = None, headers: dict | None = None
+) -> str:
     """Fixed-width table for the terminal; text columns left-aligned, numbers right-aligned."""
     headers = headers or {}
     head = [headers.get(c, c) for c in columns]
@@ -43,12 +44,15 @@ def text_table(rows: Sequence[dict], columns: Sequence[str], formats: dict | Non
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str], formats: dict | None = None,
-                   headers: dict | None = None) -> str:
+def markdown_table(
+    rows: Sequence[dict], columns: Sequence[str], formats: dict | None = None, headers: dict | None = None
+) -> str:
     headers = headers or {}
     numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
-    out = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
-           "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    out = [
+        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
     out += ["| " + " | ".join(r) + " |" for r in _cells(rows, columns, formats)]
     return "\n".join(out)
 

@@ -25,10 +25,16 @@ import torch
 from lrkv.errors import CheckpointError, ConfigError, DataError
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 RUN_MARKERS = ("metrics.csv", "summary.json", "config.yaml", ".hydra/config.yaml")
 
@@ -54,7 +60,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
         raise ConfigError("this mode needs a checkpoint: pass ckpt=RUN_DIR (or a pretrained folder or checkpoint file)")
     path = Path(str(path)).expanduser()
     if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder, a pretrained folder or a checkpoint file")
+        raise CheckpointError(
+            f"checkpoint path {path} does not exist; pass a run folder, a pretrained folder or a checkpoint file"
+        )
     known = find_pretrained_folder(path) or _looks_like_training_checkpoint(path) or is_hf_llama_folder(path)
     if path.is_dir() and not known:
         raise CheckpointError(
@@ -67,7 +75,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dt
 def _looks_like_training_checkpoint(path: Path) -> bool:
     """A Lightning checkpoint folder (sharded: torch.distributed.checkpoint writes .metadata) or a run
     folder with checkpoints/."""
-    return (path / ".metadata").is_file() or (path / "meta.pt").is_file() or (path / "checkpoints").is_dir() or any(path.glob("*.ckpt"))
+    return (
+        (path / ".metadata").is_file()
+        or (path / "meta.pt").is_file()
+        or (path / "checkpoints").is_dir()
+        or any(path.glob("*.ckpt"))
+    )
 
 
 def require_tokenizer(pretrained, what: str = "this mode"):

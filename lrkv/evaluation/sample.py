@@ -38,10 +38,19 @@ class Decoded:
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, stop_token: int | None = None,
-           should_stop: Callable[[int, list[int]], bool] | None = None,
-           generator: torch.Generator | None = None, cache_dtype: torch.dtype | None = None) -> Decoded:
+def decode(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token: int | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
+    cache_dtype: torch.dtype | None = None,
+) -> Decoded:
     """Continue equal-length prompts (B, T) through a KV cache.
 
     A row stops at `stop_token` (not included in its output) or when `should_stop(row, new_tokens)`
@@ -53,8 +62,10 @@ def decode(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: flo
     b, t = prompt.shape
     max_len = model.cfg.max_seq_len
     if t + max_new_tokens > max_len:
-        raise ConfigError(f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={max_len}; "
-                          "shorten the prompt or lower max_new_tokens")
+        raise ConfigError(
+            f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={max_len}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
     out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=b * t, stopped=[False] * b)
     if max_new_tokens <= 0:
         return out
@@ -83,9 +94,18 @@ def decode(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: flo
     return out
 
 
-def generate_text(pretrained, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int | None = None, top_p: float | None = None, num_samples: int = 1, seed: int = 0,
-                  cache_dtype: torch.dtype | None = None) -> dict:
+def generate_text(
+    pretrained,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    cache_dtype: torch.dtype | None = None,
+) -> dict:
     """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s."""
     from lrkv.evaluation.runs import require_tokenizer
 
@@ -102,20 +122,49 @@ def generate_text(pretrained, prompts: list[str], *, max_new_tokens: int = 64, t
         ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an end-of-text in training; "" = unconditional
         budget = model.cfg.max_seq_len - max_new_tokens
         if budget < 1:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}")
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
+            )
         ids = ids[-budget:]
         x = torch.tensor([ids] * num_samples, device=device)
-        dec = decode(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     stop_token=tok.eos_id, generator=generator, cache_dtype=cache_dtype)
+        dec = decode(
+            model,
+            x,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token=tok.eos_id,
+            generator=generator,
+            cache_dtype=cache_dtype,
+        )
         new_tokens += dec.new_tokens
         seconds += dec.prefill_s + dec.decode_s
-        results.append({"prompt": prompt, "prompt_tokens": len(ids), "completions": [tok.decode(t) for t in dec.tokens],
-                        "new_tokens": dec.new_tokens, "prefill_s": dec.prefill_s, "decode_s": dec.decode_s,
-                        "tokens_per_s": dec.tokens_per_s})
-    return {"samples": results, "new_tokens": new_tokens, "seconds": seconds,
-            "tokens_per_s": new_tokens / max(seconds, 1e-9),
-            "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                         "num_samples": num_samples, "seed": seed}}
+        results.append(
+            {
+                "prompt": prompt,
+                "prompt_tokens": len(ids),
+                "completions": [tok.decode(t) for t in dec.tokens],
+                "new_tokens": dec.new_tokens,
+                "prefill_s": dec.prefill_s,
+                "decode_s": dec.decode_s,
+                "tokens_per_s": dec.tokens_per_s,
+            }
+        )
+    return {
+        "samples": results,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+        "settings": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "num_samples": num_samples,
+            "seed": seed,
+        },
+    }
 
 
 def report_samples(result: dict) -> str:
@@ -125,7 +174,9 @@ def report_samples(result: dict) -> str:
             tag = f" [{i + 1}/{len(s['completions'])}]" if len(s["completions"]) > 1 else ""
             lines.append(f"--- prompt{tag}: {s['prompt']!r}")
             lines.append(s["prompt"] + text)
-    lines.append(f"--- {result['new_tokens']} new tokens in {result['seconds']:.2f} s: {result['tokens_per_s']:.1f} tokens/s "
-                 f"(temperature={result['settings']['temperature']}, top_k={result['settings']['top_k']}, "
-                 f"top_p={result['settings']['top_p']})")
+    lines.append(
+        f"--- {result['new_tokens']} new tokens in {result['seconds']:.2f} s: {result['tokens_per_s']:.1f} tokens/s "
+        f"(temperature={result['settings']['temperature']}, top_k={result['settings']['top_k']}, "
+        f"top_p={result['settings']['top_p']})"
+    )
     return "\n".join(lines)

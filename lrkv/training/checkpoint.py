@@ -95,7 +95,9 @@ def load_weights(model: Transformer, state: dict, source: Path) -> None:
     model.load_state_dict(state)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Pretrained:
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Pretrained:
     """Load a model (and its tokenizer) from a pretrained folder, a run folder or a checkpoint."""
     path = Path(path)
     if not path.exists():
@@ -115,7 +117,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} is unreadable or corrupt ({type(e).__name__}); re-export it") from None
+        raise CheckpointError(
+            f"{folder / WEIGHTS_FILE} is unreadable or corrupt ({type(e).__name__}); re-export it"
+        ) from None
     load_weights(model, state, folder / WEIGHTS_FILE)
     model.to(device=device, dtype=dtype).eval()
     return Pretrained(model, load_tokenizer(folder), folder)

@@ -86,7 +86,12 @@ class PeriodicCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0 and self._at_step_boundary(trainer, batch_idx):
+        if (
+            self.every_n_steps
+            and step % self.every_n_steps == 0
+            and step > 0
+            and self._at_step_boundary(trainer, batch_idx)
+        ):
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -162,7 +167,8 @@ class GracefulStop(L.Callback):
             signal_name = self.requested or "a signal on another rank"
             raise TrainingInterrupted(
                 f"{signal_name} at step {trainer.global_step}: checkpoint saved to {path}; resume with ckpt_path=last "
-                "(and the same run_name)", signal_name
+                "(and the same run_name)",
+                signal_name,
             )
 
     def on_train_end(self, trainer, pl_module) -> None:

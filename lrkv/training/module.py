@@ -25,8 +25,15 @@ from lrkv.training.optim import build_optimizer, lr_factor
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
-def build_model(cfg: ModelConfig, seed: int, *, mesh=None, compile: bool = False, activation_checkpointing: bool = False,
-                param_dtype: torch.dtype | None = None) -> Transformer:
+def build_model(
+    cfg: ModelConfig,
+    seed: int,
+    *,
+    mesh=None,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    param_dtype: torch.dtype | None = None,
+) -> Transformer:
     """Meta-device build, per-part CPU materialisation with seeded init, then compile / FSDP2 sharding."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -56,8 +63,16 @@ class LanguageModel(L.LightningModule):
     optim: the `optim` config (see configs/optim/*.yaml); schedule over `total_steps` optimizer steps.
     """
 
-    def __init__(self, model: dict, optim: dict, total_steps: int, seed: int = 0, compile: bool = False,
-                 activation_checkpointing: bool = False, fsdp_param_dtype: str | None = None):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        total_steps: int,
+        seed: int = 0,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: str | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: the checkpoint stays loadable with weights_only=True
         self.model_cfg = ModelConfig.from_dict(dict(model))
@@ -71,12 +86,20 @@ class LanguageModel(L.LightningModule):
         if self.model is not None:
             return
         mesh = getattr(self, "_device_mesh", None)
-        if mesh is not None:  # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel): shard over data_parallel
+        if (
+            mesh is not None
+        ):  # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel): shard over data_parallel
             mesh = mesh["data_parallel"]
         hp = self.hparams
         dtype = {"bf16": torch.bfloat16, "fp32": None, None: None}[hp.fsdp_param_dtype]
-        self.model = build_model(self.model_cfg, hp.seed, mesh=mesh, compile=hp.compile,
-                                 activation_checkpointing=hp.activation_checkpointing, param_dtype=dtype)
+        self.model = build_model(
+            self.model_cfg,
+            hp.seed,
+            mesh=mesh,
+            compile=hp.compile,
+            activation_checkpointing=hp.activation_checkpointing,
+            param_dtype=dtype,
+        )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -112,7 +135,11 @@ class LanguageModel(L.LightningModule):
         targets = batch["target"]
         nats = self.model.loss(batch["input"], targets, reduction="sum").detach().double()
         tokens = (targets >= 0).sum().double()
-        nbytes = self.token_bytes.to(targets.device)[targets.clamp(min=0)].sum().double() if self.token_bytes is not None else tokens * 0
+        nbytes = (
+            self.token_bytes.to(targets.device)[targets.clamp(min=0)].sum().double()
+            if self.token_bytes is not None
+            else tokens * 0
+        )
         sums = torch.stack([nats, tokens, nbytes])
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
@@ -136,9 +163,13 @@ class LanguageModel(L.LightningModule):
     def configure_optimizers(self):
         optim = dict(self.hparams.optim)
         optimizer = build_optimizer(self.model, optim)
-        schedule = dict(schedule=optim.get("schedule", "cosine"), warmup_steps=int(optim.get("warmup_steps", 0)),
-                        total_steps=int(self.hparams.total_steps), min_lr_ratio=float(optim.get("min_lr_ratio", 0.0)),
-                        decay_fraction=float(optim.get("decay_fraction", 0.2)))
+        schedule = dict(
+            schedule=optim.get("schedule", "cosine"),
+            warmup_steps=int(optim.get("warmup_steps", 0)),
+            total_steps=int(self.hparams.total_steps),
+            min_lr_ratio=float(optim.get("min_lr_ratio", 0.0)),
+            decay_fraction=float(optim.get("decay_fraction", 0.2)),
+        )
         lr_factor(0, **schedule)  # validates the schedule name early
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(**schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

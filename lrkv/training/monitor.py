@@ -21,12 +21,32 @@ from pathlib import Path
 import lightning as L
 import torch
 
-COLUMNS = ["step", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu",
-           "peak_mem_gib", "kv_bytes_per_token", "params"]
+COLUMNS = [
+    "step",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "val_bpb",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_gib",
+    "kv_bytes_per_token",
+    "params",
+]
 
 PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks, FLOP/s
-    "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
-    "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
 }
 
 
@@ -95,8 +115,17 @@ class TrainMonitor(L.Callback):
     tokens_per_step: global tokens per optimizer step. flops_per_token: for MFU.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, log_every: int, tokens_per_step: int, flops_per_token: float,
-                 kv_bytes_per_token: int, params: int, peak_flops: float | None = None, resume: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        log_every: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        kv_bytes_per_token: int,
+        params: int,
+        peak_flops: float | None = None,
+        resume: bool = False,
+    ):
         self.run_dir, self.log_every = Path(run_dir), max(1, log_every)
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.kv_bytes_per_token, self.params = kv_bytes_per_token, params
@@ -133,8 +162,12 @@ class TrainMonitor(L.Callback):
         step = trainer.global_step
         if step % self.log_every:
             return
-        mean_loss = torch.stack([torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device),
-                                 torch.tensor(float(self._loss_count), dtype=torch.float64, device=pl_module.device)])
+        mean_loss = torch.stack(
+            [
+                torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device),
+                torch.tensor(float(self._loss_count), dtype=torch.float64, device=pl_module.device),
+            ]
+        )
         if trainer.world_size > 1:
             mean_loss = trainer.strategy.reduce(mean_loss, reduce_op="sum")
         self._loss_sum, self._loss_count = 0.0, 0

@@ -54,10 +54,27 @@ def muon_update(update: torch.Tensor, steps: int) -> torch.Tensor:
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with `use_muon=True` get Muon, the others AdamW (decoupled weight decay)."""
 
-    def __init__(self, groups: list[dict], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=tuple(betas),
-                        eps=eps, weight_decay=weight_decay, use_muon=False)
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            use_muon=False,
+        )
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -102,8 +119,17 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
 
 
-def param_groups(model, *, matrix_lr: float, embed_lr: float, head_lr: float, scalar_lr: float,
-                 weight_decay: float, muon: bool, width_scale: bool) -> list[dict]:
+def param_groups(
+    model,
+    *,
+    matrix_lr: float,
+    embed_lr: float,
+    head_lr: float,
+    scalar_lr: float,
+    weight_decay: float,
+    muon: bool,
+    width_scale: bool,
+) -> list[dict]:
     """Split the Transformer's parameters: block matrices (Muon or AdamW), embedding, head, vectors.
 
     With `width_scale` the AdamW groups' learning rates are scaled by (d_model / 768)^-0.5 (nanochat).
@@ -115,11 +141,19 @@ def param_groups(model, *, matrix_lr: float, embed_lr: float, head_lr: float, sc
         (matrices if p.dim() >= 2 else vectors).append(p)
     vectors += [p for name, p in model.named_parameters() if not name.startswith(("blocks.", "embed.", "lm_head."))]
     groups = [
-        dict(params=matrices, lr=matrix_lr * (1.0 if muon else scale), use_muon=muon, weight_decay=weight_decay, name="matrix"),
+        dict(
+            params=matrices,
+            lr=matrix_lr * (1.0 if muon else scale),
+            use_muon=muon,
+            weight_decay=weight_decay,
+            name="matrix",
+        ),
         dict(params=list(model.embed.parameters()), lr=embed_lr * scale, weight_decay=weight_decay, name="embed"),
     ]
     if model.lm_head is not None:
-        groups.append(dict(params=list(model.lm_head.parameters()), lr=head_lr * scale, weight_decay=weight_decay, name="head"))
+        groups.append(
+            dict(params=list(model.lm_head.parameters()), lr=head_lr * scale, weight_decay=weight_decay, name="head")
+        )
     if vectors:
         groups.append(dict(params=vectors, lr=scalar_lr * scale, weight_decay=0.0, name="vector"))
     return groups
@@ -132,15 +166,32 @@ def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
         raise ConfigError(f"optim.name={name!r} is unknown; use optim=adamw or optim=muon")
     groups = param_groups(
         model,
-        matrix_lr=cfg["matrix_lr"], embed_lr=cfg["embed_lr"], head_lr=cfg["head_lr"], scalar_lr=cfg["scalar_lr"],
-        weight_decay=cfg["weight_decay"], muon=name == "muon", width_scale=cfg.get("width_scale", True),
+        matrix_lr=cfg["matrix_lr"],
+        embed_lr=cfg["embed_lr"],
+        head_lr=cfg["head_lr"],
+        scalar_lr=cfg["scalar_lr"],
+        weight_decay=cfg["weight_decay"],
+        muon=name == "muon",
+        width_scale=cfg.get("width_scale", True),
     )
-    return MuonAdamW(groups, momentum=cfg.get("momentum", 0.95), betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                     ns_steps=cfg.get("ns_steps", 5))
+    return MuonAdamW(
+        groups,
+        momentum=cfg.get("momentum", 0.95),
+        betas=tuple(cfg["betas"]),
+        eps=cfg["eps"],
+        ns_steps=cfg.get("ns_steps", 5),
+    )
 
 
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
-              decay_fraction: float = 0.2) -> float:
+def lr_factor(
+    step: int,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    decay_fraction: float = 0.2,
+) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based).
 
     cosine: linear warmup, then cosine from 1 to min_lr_ratio at total_steps.

@@ -28,7 +28,9 @@ def find_checkpoint(path: Path) -> Path:
             return resolve_last(folder)
     if path.is_file() or (path / "meta.pt").is_file():
         return path
-    raise CheckpointError(f"no checkpoint found at {path}; pass a run folder, a .ckpt file or a sharded checkpoint folder")
+    raise CheckpointError(
+        f"no checkpoint found at {path}; pass a run folder, a .ckpt file or a sharded checkpoint folder"
+    )
 
 
 def read_metadata(ckpt: Path) -> dict:
@@ -36,18 +38,22 @@ def read_metadata(ckpt: Path) -> dict:
     try:
         return torch.load(meta, map_location="cpu", weights_only=True, mmap=ckpt.is_file())
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {ckpt} is unreadable or corrupt ({type(e).__name__}); use an earlier one") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt} is unreadable or corrupt ({type(e).__name__}); use an earlier one"
+        ) from None
 
 
 def model_config_of(metadata: dict, ckpt: Path) -> ModelConfig:
     model = (metadata.get("hyper_parameters") or {}).get("model")
     if not model:
-        raise CheckpointError(f"checkpoint {ckpt} has no model config in its hyperparameters; it was not written by lrkv train.py")
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no model config in its hyperparameters; it was not written by lrkv train.py"
+        )
     return ModelConfig.from_dict(dict(model))
 
 
 def strip_prefix(state: dict) -> dict:
-    return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
 
 
 def load_sharded_state(model: Transformer, ckpt: Path) -> dict:
@@ -58,7 +64,9 @@ def load_sharded_state(model: Transformer, ckpt: Path) -> dict:
     try:
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"sharded checkpoint {ckpt} could not be read ({type(e).__name__}); it may be incomplete") from None
+        raise CheckpointError(
+            f"sharded checkpoint {ckpt} could not be read ({type(e).__name__}); it may be incomplete"
+        ) from None
     return strip_prefix(state["state_dict"])
 
 

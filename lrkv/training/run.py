@@ -53,15 +53,24 @@ def make_datamodule(cfg: dict) -> LMDataModule:
     data, tok = dict(cfg["data"]), dict(cfg.get("tokenizer") or {})
     tokenizer = tok.get("path") or "bpe"
     if tok.get("kind", "bpe") != "bpe" and not tok.get("path"):
-        raise ConfigError(f"tokenizer={tok.get('kind')} needs tokenizer.path=DIR_OR_FILE (tokenizer.json or vocab.json + merges.txt)")
-    return LMDataModule(**data, tokenizer=tokenizer, vocab_size=int(tok.get("vocab_size", 4096)),
-                        tokenizer_max_chars=tok.get("max_chars"), seed=int(cfg["seed"]))
+        raise ConfigError(
+            f"tokenizer={tok.get('kind')} needs tokenizer.path=DIR_OR_FILE (tokenizer.json or vocab.json + merges.txt)"
+        )
+    return LMDataModule(
+        **data,
+        tokenizer=tokenizer,
+        vocab_size=int(tok.get("vocab_size", 4096)),
+        tokenizer_max_chars=tok.get("max_chars"),
+        seed=int(cfg["seed"]),
+    )
 
 
 def world_size_of(trainer_cfg: dict) -> int:
     devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
     if devices in ("auto", -1, "-1"):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") != "cpu" and torch.cuda.is_available() else 1
+        devices = (
+            torch.cuda.device_count() if trainer_cfg.get("accelerator") != "cpu" and torch.cuda.is_available() else 1
+        )
     if isinstance(devices, (list, tuple)):
         devices = len(devices)
     return int(devices) * nodes
@@ -91,7 +100,9 @@ def make_strategy(trainer_cfg: dict, world: int):
     accelerator = trainer_cfg.get("accelerator", "auto")
     if name == "fsdp":
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ConfigError("trainer=fsdp needs CUDA GPUs and none is visible; use trainer=cpu_fsdp to try FSDP on CPU")
+            raise ConfigError(
+                "trainer=fsdp needs CUDA GPUs and none is visible; use trainer=cpu_fsdp to try FSDP on CPU"
+            )
         return AtomicModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1), []
     if name in ("auto", "ddp"):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -124,7 +135,9 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
     if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
         last = resolve_last(path / "checkpoints")
         if last is None:
-            raise CheckpointError(f"run folder {path} has no checkpoint in checkpoints/; pass a checkpoint file or start without ckpt_path")
+            raise CheckpointError(
+                f"run folder {path} has no checkpoint in checkpoints/; pass a checkpoint file or start without ckpt_path"
+            )
         return last
     if not path.exists():
         raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; use ckpt_path=last, a run folder or a .ckpt path")
@@ -163,11 +176,15 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     if train_cfg.get("vocab_from_tokenizer", True):
         model_fields["vocab_size"] = padded_vocab_size(tokenizer.vocab_size)
     elif model_fields.get("vocab_size", 0) < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_fields.get('vocab_size')} < tokenizer vocabulary {tokenizer.vocab_size}; raise it or set train.vocab_from_tokenizer=true")
+        raise ConfigError(
+            f"model.vocab_size={model_fields.get('vocab_size')} < tokenizer vocabulary {tokenizer.vocab_size}; raise it or set train.vocab_from_tokenizer=true"
+        )
     model_cfg = ModelConfig.from_dict(model_fields)
     seq_len = int(datamodule.hparams.seq_len)
     if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len")
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len"
+        )
 
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,19 +193,34 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     if ckpt is not None:
         check_checkpoint_model(ckpt, model_cfg)
 
-    module = LanguageModel(model=model_cfg.to_dict(), optim=dict(cfg["optim"]), total_steps=total_steps,
-                           seed=int(cfg["seed"]), compile=bool(train_cfg.get("compile", False)),
-                           activation_checkpointing=bool(train_cfg.get("activation_checkpointing", False)),
-                           fsdp_param_dtype=fsdp_dtype)
+    module = LanguageModel(
+        model=model_cfg.to_dict(),
+        optim=dict(cfg["optim"]),
+        total_steps=total_steps,
+        seed=int(cfg["seed"]),
+        compile=bool(train_cfg.get("compile", False)),
+        activation_checkpointing=bool(train_cfg.get("activation_checkpointing", False)),
+        fsdp_param_dtype=fsdp_dtype,
+    )
     with torch.device("meta"):
         shadow = Transformer(model_cfg)
     params = shadow.num_params()
     kv_bytes = measured_kv_bytes_per_token(model_cfg)
-    checkpoint = PeriodicCheckpoint(run_dir / "checkpoints", every_n_steps=int(train_cfg.get("ckpt_every", 0) or 0),
-                                    keep=int(train_cfg.get("keep_checkpoints", 2)))
-    monitor = TrainMonitor(run_dir, log_every=int(train_cfg.get("log_every", 10)), tokens_per_step=batch_tokens,
-                           flops_per_token=shadow.flops_per_token(seq_len), kv_bytes_per_token=kv_bytes, params=params,
-                           peak_flops=train_cfg.get("peak_flops"), resume=ckpt is not None)
+    checkpoint = PeriodicCheckpoint(
+        run_dir / "checkpoints",
+        every_n_steps=int(train_cfg.get("ckpt_every", 0) or 0),
+        keep=int(train_cfg.get("keep_checkpoints", 2)),
+    )
+    monitor = TrainMonitor(
+        run_dir,
+        log_every=int(train_cfg.get("log_every", 10)),
+        tokens_per_step=batch_tokens,
+        flops_per_token=shadow.flops_per_token(seq_len),
+        kv_bytes_per_token=kv_bytes,
+        params=params,
+        peak_flops=train_cfg.get("peak_flops"),
+        resume=ckpt is not None,
+    )
     val_every = int(train_cfg.get("val_every", 0) or 0)
     trainer = L.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"),
@@ -213,12 +245,16 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         use_distributed_sampler=False,
     )
     if trainer.world_size != world:
-        raise ConfigError(f"trainer runs {trainer.world_size} processes, expected {world}; set trainer.devices explicitly")
+        raise ConfigError(
+            f"trainer runs {trainer.world_size} processes, expected {world}; set trainer.devices explicitly"
+        )
     if trainer.is_global_zero:
         dump_config({**cfg, "model": model_cfg.to_dict()}, run_dir)
-        print(f"run {run_dir}: model {model_cfg.name} ({model_cfg.attention}), {params / 1e6:.2f}M params, "
-              f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
-              f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})")
+        print(
+            f"run {run_dir}: model {model_cfg.name} ({model_cfg.attention}), {params / 1e6:.2f}M params, "
+            f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
+            f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})"
+        )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     wall = time.perf_counter() - start
@@ -229,8 +265,17 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         save_pretrained(module.model, run_dir / "pretrained", tokenizer, state_dict=state)
         rows = read_metrics(run_dir / "metrics.csv")
         plot_losses(rows, run_dir / "loss.png", f"{model_cfg.name} ({model_cfg.attention})")
-        summary = make_summary(cfg, model_cfg, rows, params, shadow.num_params(non_embedding=True), kv_bytes,
-                               trainer.global_step, batch_tokens, wall)
+        summary = make_summary(
+            cfg,
+            model_cfg,
+            rows,
+            params,
+            shadow.num_params(non_embedding=True),
+            kv_bytes,
+            trainer.global_step,
+            batch_tokens,
+            wall,
+        )
         write_summary(run_dir, summary)
         print_summary(summary, run_dir)
     trainer.strategy.barrier()
@@ -275,8 +320,19 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    keys = ["model", "attention", "params", "kv_bytes_per_token", "steps", "tokens", "final_train_loss",
-            "final_val_loss", "final_val_bpb", "tokens_per_s", "wall_time_s"]
+    keys = [
+        "model",
+        "attention",
+        "params",
+        "kv_bytes_per_token",
+        "steps",
+        "tokens",
+        "final_train_loss",
+        "final_val_loss",
+        "final_val_bpb",
+        "tokens_per_s",
+        "wall_time_s",
+    ]
     print("\n" + "\n".join(f"  {k:<20} {fmt(summary[k])}" for k in keys))
     print(f"  outputs: {run_dir} (metrics.csv, loss.png, summary.json, pretrained/, checkpoints/)")
 
