@@ -6,7 +6,7 @@
 Per kind and context: cache MiB (measured from the real cache), prefill ms, ms per decoded token
 (median over --iters steps, batch --batch), and the speed-up over MHA in the same process.
 LRKV decodes exactly by rebuilding each head's keys from the shared key and its latents chunk by
-chunk (lrkv/attention/lrkv.py); its ideal memory-bound speed-up is 1/(1/H + r/d_h) (DESIGN.md §7).
+chunk (lrkv/attention/lrkv.py); its ideal memory-bound speed-up is 1/(1/H + r/d_h) (docs/design-notes.md §7).
 MLA decodes with absorbed weights. --layers cuts the depth (same width) to fit long contexts.
 """
 

@@ -140,6 +140,28 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 
 
+def read_preset(path: Path) -> dict[str, Any]:
+    """A preset file's fields with its Hydra defaults list applied, as Hydra composes `model=<name>`.
+
+    Presets are composed from a size and a kind (`defaults: [size@_here_: 1b, kind@_here_: lrkv, _self_]`):
+    each entry `group@_here_: option` reads `<folder>/<group>/<option>.yaml` into the same level, in order, and
+    `_self_` places the file's own fields (last when not listed, as in Hydra).
+    """
+    data = yaml.safe_load(path.read_text()) or {}
+    defaults = data.pop("defaults", None) or []
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    out: dict[str, Any] = {}
+    for entry in defaults:
+        if entry == "_self_":
+            out.update(data)
+            continue
+        (group, option), *_ = entry.items() if isinstance(entry, dict) else [(entry, None)]
+        group = group.split("@")[0]
+        out.update(read_preset(path.parent / group / f"{option}.yaml"))
+    return out
+
+
 def load_model_config(name: str, **overrides) -> ModelConfig:
     """Read preset `configs/model/<name>.yaml` and apply field overrides: `load_model_config("lrkv_1b", rank=32)`."""
     path = config_dir() / "model" / f"{name}.yaml"
@@ -147,7 +169,6 @@ def load_model_config(name: str, **overrides) -> ModelConfig:
         presets = list_presets()
         hint = ", ".join(presets) if presets else f"none found in {config_dir() / 'model'}"
         raise ConfigError(f"unknown model preset {name!r}; available: {hint}")
-    data = yaml.safe_load(path.read_text()) or {}
-    data.pop("defaults", None)
+    data = read_preset(path)
     data.update(overrides)
     return ModelConfig.from_dict(data)

@@ -217,7 +217,7 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6 N_matmul + 6 L H (d_qk + d_v) T (attention, causal counted in full).
 
-        For d_qk = d_v = d_h this is DESIGN.md's 6 (N - N_embedding) + 12 L H d_h T.
+        For d_qk = d_v = d_h this is docs/design-notes.md §7: 6 (N - N_embedding) + 12 L H d_h T.
         """
         t = seq_len or self.cfg.max_seq_len
         d_qk, d_v = get_attention_class(self.cfg.attention).score_dims(self.cfg)

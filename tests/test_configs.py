@@ -52,11 +52,13 @@ def test_every_group_option_composes(group):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(experiment):
-    extra = ["tokenizer.path=/models/gpt2"] if experiment.startswith("paper_") else []
+    extra = ["tokenizer.path=/models/gpt2"] if experiment.startswith("paper") else []
+    if experiment == "paper":  # the shared recipe of paper_<size>, used with a model chosen on the command line
+        extra.append("model=lrkv_1b")
     cfg = resolve(compose_train([f"experiment={experiment}", *extra]))
     model = ModelConfig.from_dict(cfg["model"])
-    if experiment.startswith("paper_"):
-        size = experiment.removeprefix("paper_")
+    if experiment.startswith("paper"):
+        size = experiment.removeprefix("paper").removeprefix("_") or "1b"
         assert model.name == f"lrkv_{size}" and cfg["data"]["source"] == "hf:HuggingFaceFW/fineweb-edu"
         assert cfg["optim"]["warmup_steps"] == 2000 and cfg["optim"]["weight_decay"] == 0.1
         assert (cfg["optim"]["matrix_lr"], cfg["optim"]["embed_lr"], cfg["optim"]["head_lr"]) == (0.02, 0.2, 0.004)
@@ -91,3 +93,20 @@ def test_default_run_is_the_tiny_lrkv_on_the_embedded_corpus():
 def test_kv_bytes_of_presets_are_reported_in_bf16():
     cfg = load_model_config("lrkv_1b")
     assert cfg.kv_cache_bytes_per_token(torch.bfloat16) == 2 * cfg.n_layer * (2 * 128 + 2 * 12 * 51)
+
+
+def test_presets_are_composed_from_one_size_and_one_kind(tmp_path, monkeypatch):
+    """Each size's shape lives in configs/model/size/ only: editing it changes every kind of that size."""
+    import shutil
+
+    shape = ("n_layer", "n_head", "d_model", "head_dim", "vocab_size", "max_seq_len")
+    for name in list_presets():
+        text = (CONFIGS / "model" / f"{name}.yaml").read_text()
+        assert not any(f"\n{key}:" in text for key in shape), f"{name} repeats a shape field"
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    size_file = tmp_path / "configs" / "model" / "size" / "tiny.yaml"
+    size_file.write_text(size_file.read_text().replace("n_layer: 4", "n_layer: 3"))
+    monkeypatch.setenv("LRKV_CONFIG_DIR", str(tmp_path / "configs"))
+    kinds = [name for name in list_presets() if name.endswith("_tiny")]
+    assert len(kinds) >= 5 and all(load_model_config(name).n_layer == 3 for name in kinds)
+    assert load_model_config("lrkv_1b", rank=32).n_layer == 40

@@ -1,7 +1,7 @@
 """Projected-KV attention: a full-attention (MHA/GQA) layer whose cache holds low-rank projections.
 
 This is the inference form of post-training KV compression (EigenAttention, StiefAttention; see
-lrkv/compress/ and DESIGN.md §6). Each layer has orthonormal bases
+lrkv/compress/ and docs/design-notes.md §6). Each layer has orthonormal bases
 
     P_K   : d_h x r_K        one per layer, shared by the G key/value heads
     P_V,g : d_h x r_V        one per key/value head g

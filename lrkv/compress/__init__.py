@@ -2,7 +2,7 @@
 
 A trained MHA/GQA model (ours, or a local Hugging Face Llama folder via `load_hf_llama`) keeps its
 weights; each layer's pre-RoPE keys and values are projected onto low-rank orthonormal bases and
-only the projections are cached (DESIGN.md §6). The result is an ordinary `lrkv.Transformer` of
+only the projections are cached (docs/design-notes.md §6). The result is an ordinary `lrkv.Transformer` of
 attention kind "compressed_kv" (lrkv/attention/compressed.py), so saving, loading, generation,
 footprint and every evaluation work on it unchanged.
 

@@ -1,4 +1,4 @@
-"""One decoder block of a full-attention model with projected keys and values (DESIGN.md §6).
+"""One decoder block of a full-attention model with projected keys and values (docs/design-notes.md §6).
 
 For a block with GQA attention (MHA: G = H), orthonormal bases P_K (d_h x r) shared by the G
 key/value heads and P_V (G x d_h x r), one per head:

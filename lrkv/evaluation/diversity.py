@@ -1,4 +1,4 @@
-"""Head diversity (LRKV paper, DESIGN.md §5): effective rank of the heads' query-key maps, per layer.
+"""Head diversity (LRKV paper, docs/design-notes.md §5): effective rank of the heads' query-key maps, per layer.
 
 For head h the attention score before norms and RoPE is the bilinear form x_i A_h x_jᵀ with
 

@@ -3,7 +3,7 @@
 For every preset the model is built on the meta device (shapes only, no memory), a cache for
 `batch_size` sequences of `context` tokens is allocated on the meta device and filled by a real
 prefill, and the bytes of the cache tensors are summed (`KVCache.nbytes`). The result must equal
-the analytic formula of the attention kind (`ModelConfig.kv_cache_bytes_per_token`, DESIGN.md §2);
+the analytic formula of the attention kind (`ModelConfig.kv_cache_bytes_per_token`, docs/design-notes.md §2);
 a mismatch raises, so a table that prints is a checked table.
 
 Columns: parameters (total, non-embedding), KV bytes per token (all layers), KV MiB at

@@ -1,14 +1,14 @@
 """Optimizers and learning-rate schedules.
 
 `MuonAdamW` is one torch Optimizer whose parameter groups each use either Muon (hidden matrices) or
-AdamW (embedding, LM head, norm weights): the paper's split (DESIGN.md §4), as one optimizer so that
+AdamW (embedding, LM head, norm weights): the paper's split (docs/design-notes.md §4), as one optimizer so that
 Lightning's automatic optimization, gradient clipping, checkpoints and schedules treat it like any
 other.
 
 Muon (Keller Jordan): momentum, then replace the update by the nearest semi-orthogonal matrix
 (Newton-Schulz iteration on the whole matrix), scaled by sqrt(max(1, rows/cols)). Under FSDP each
 rank holds only a row shard of every matrix, and orthogonalising a shard is a different optimizer
-(DESIGN.md §9). Here a sharded (DTensor) update is gathered to the full matrix, orthogonalised, and
+(docs/design-notes.md §9). Here a sharded (DTensor) update is gathered to the full matrix, orthogonalised, and
 each rank keeps its own rows, so FSDP gives the single-process result (tested).
 """
 
