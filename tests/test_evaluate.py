@@ -20,7 +20,7 @@ from lrkv import ConfigError, LrkvError, Transformer, load_model_config
 from lrkv.attention import get_attention_class
 from lrkv.data import iter_documents
 from lrkv.evaluation.compare import compare_runs, pareto_front, steps_to_target
-from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity, head_maps
+from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity
 from lrkv.evaluation.footprint import footprint_table
 from lrkv.evaluation.sample import decode
 from lrkv.training.checkpoint import load_pretrained
@@ -248,18 +248,15 @@ def test_random_heads_are_diverse():
 
 @pytest.mark.parametrize("kind", ["mha", "gqa", "mqa", "lrkv"])
 @torch.no_grad()
-def test_head_maps_are_the_models_projections(kind):
+def test_head_qk_maps_are_the_models_projections(kind):
     model = random_model(kind)
     attn = model.blocks[1].attn
     x = torch.randn(1, 5, model.cfg.d_model)
-    wq, wk = head_maps(attn)
+    wq, wk = attn.head_qk_maps()
     b, t, h, dh = 1, 5, model.cfg.n_head, model.cfg.head_dim
     q = attn.wq(x).view(b, t, h, dh)
-    k = (
-        attn.keys_values(x)[0]
-        if kind == "lrkv"
-        else attn.wk(x).view(b, t, -1, dh).repeat_interleave(h // attn.kv_heads, dim=2)
-    )
+    k = attn.keys_values(x)[0]  # raw keys per key/value head
+    k = k.repeat_interleave(h // k.shape[2], dim=2)
     torch.testing.assert_close(torch.einsum("btd,hde->bthe", x.double(), wq), q.double(), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.einsum("btd,hde->bthe", x.double(), wk), k.double(), atol=1e-5, rtol=0)
     # the Gram matrix equals the one of explicitly materialised d x d maps

@@ -4,6 +4,12 @@
     y = attn(x, cache=None, positions=None)        # x (B, T, d) -> (B, T, d)
     cache = attn.new_cache(batch, max_len, device, dtype)   # a LayerCache with what the kind needs
 
+Weight-level views used by analyses (head diversity, post-training compression), so that those
+never branch on kind names: `head_qk_maps()` gives each head's query and key maps x -> q_h, x -> k_h
+(before norms and RoPE; learnable norm weights folded in), `keys_values(x)` the per-head raw keys and
+values before QK-norm and RoPE (kinds whose keys are not a linear map of x per head, such as MLA,
+do not define it).
+
 Class-level facts used by configs, footprint and FLOP counts (no instance needed, so they work for
 6.3B presets without memory): `fields`, `validate(cfg)`, `cache_elements_per_token(cfg)`,
 `score_dims(cfg)`.
@@ -81,6 +87,19 @@ class Attention(nn.Module):
         if self.cfg.zero_init_out:
             nn.init.zeros_(self.wo.weight)
 
+    # ---- weight-level views (analyses) --------------------------------------------------------------
+    def head_qk_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_Q, W_K) of every head as (H, d, e) float64: x W_Q,h = q_h and x W_K,h = k_h before RoPE.
+
+        Norms are per-token scales and RoPE a rotation, so they are left out; learnable norm weights
+        (`norm_affine`) are folded in as diagonal scales. Kinds used by head diversity implement this.
+        """
+        raise NotImplementedError(f"attention={self.kind!r} does not define head_qk_maps(); add it to its file")
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw keys and values (B, T, G, d_h) per key/value head, before QK-norm and RoPE."""
+        raise NotImplementedError(f"attention={self.kind!r} does not define keys_values(); add it to its file")
+
     # ---- helpers shared by the kinds ------------------------------------------------------------
     def head_norm(self) -> nn.Module:
         """QK-norm module for one head vector (identity when cfg.qk_norm is off)."""
@@ -94,6 +113,12 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
         q = self.q_norm(self.wq(x).view(b, t, self.n_head, self.head_dim))
         return apply_rope(q, cos, sin), (cos, sin)
+
+    @staticmethod
+    def fold_norm_scale(w: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """w (..., d, d_out) with a learnable norm weight (a diagonal scale on the output dims) folded in."""
+        weight = getattr(norm, "weight", None)
+        return w * weight.to(w.dtype) if weight is not None else w
 
     @staticmethod
     def default_positions(x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:

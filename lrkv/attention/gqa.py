@@ -61,10 +61,23 @@ class GroupedQueryAttention(Attention):
         if positions is None:
             positions = self.default_positions(x, cache)
         q, (cos, sin) = self.project_queries(x, positions)
-        k = apply_rope(self.k_norm(self.wk(x).view(b, t, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        k, v = self.keys_values(x)
+        k = apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             kv = cache.append(k=k.to(cache.buffers["k"].dtype), v=v.to(cache.buffers["v"].dtype))
             k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)
         y = attend(q, k, v, backend=self.cfg.attn_backend)
         return self.wo(y.reshape(b, t, -1))
+
+    def keys_values(self, x):
+        b, t, _ = x.shape
+        return self.wk(x).view(b, t, self.kv_heads, self.head_dim), self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+
+    @torch.no_grad()
+    def head_qk_maps(self):
+        """W_Q,h and the key map of h's group g = h // (H/G), each (H, d, d_h) in float64."""
+        h, dh, d, f64 = self.n_head, self.head_dim, self.d_model, torch.float64
+        wq = self.wq.weight.to(f64).view(h, dh, d).transpose(1, 2)
+        wk = self.wk.weight.to(f64).view(self.kv_heads, dh, d).transpose(1, 2)
+        wk = wk.repeat_interleave(h // self.kv_heads, dim=0)
+        return self.fold_norm_scale(wq, self.q_norm), self.fold_norm_scale(wk, self.k_norm)

@@ -185,3 +185,13 @@ class LowRankKVAttention(Attention):
             m = m_new
         out = (acc_s + torch.einsum("bhqr,hrd->bhqd", acc_r, self.bv.to(dt))) / l
         return out.transpose(1, 2).to(q.dtype)
+
+    @torch.no_grad()
+    def head_qk_maps(self):
+        """W_Q,h and W_K,h = W_K,shared + U_K,h B_K,h^T, each (H, d, d_h) in float64."""
+        h, dh, d, r, f64 = self.n_head, self.head_dim, self.d_model, self.rank, torch.float64
+        wq = self.wq.weight.to(f64).view(h, dh, d).transpose(1, 2)
+        wk = self.wk_shared.weight.to(f64).t()[None].expand(h, d, dh)
+        if r:
+            wk = wk + self.uk.weight.to(f64).view(h, r, d).transpose(1, 2) @ self.bk.to(f64)
+        return self.fold_norm_scale(wq, self.q_norm), self.fold_norm_scale(wk, self.k_norm)

@@ -129,3 +129,22 @@ class MultiHeadLatentAttention(Attention):
         k = torch.cat([c, k_r], dim=-1)[:, :, None, :]  # one shared key head
         latent = attend(q, k, c[:, :, None, :], scale=self.scale, backend="sdpa")  # (B, T, H, d_c)
         return torch.einsum("bthc,hdc->bthd", latent, w_uv)
+
+    @torch.no_grad()
+    def head_qk_maps(self):
+        """Per-head query [W_Q,h^nope | W_Q,h^rope] and key [W_DKV W_UK,h^T | W_KR] maps, (H, d, d_h + d_r).
+
+        Queries through a low-rank latent are W_DQ W_UQ,h; the latent norms' weights are folded in,
+        the RMSNorm of c itself (a per-token scale) is left out.
+        """
+        h, dh, d, f64 = self.n_head, self.head_dim, self.d_model, torch.float64
+        dq = dh + self.d_r
+        if self.cfg.q_latent:
+            w_dq = self.fold_norm_scale(self.w_dq.weight.to(f64).t(), self.q_latent_norm)
+            wq = (w_dq @ self.w_uq.weight.to(f64).t()).view(d, h, dq).permute(1, 0, 2)
+        else:
+            wq = self.wq.weight.to(f64).view(h, dq, d).transpose(1, 2)
+        w_dkv = self.fold_norm_scale(self.w_dkv.weight.to(f64).t(), self.kv_norm)  # d x d_c
+        k_nope = w_dkv[None] @ self.w_uk.weight.to(f64).view(h, dh, self.d_c).transpose(1, 2)  # (H, d, d_h)
+        k_rope = self.w_kr.weight.to(f64).t()[None].expand(h, d, self.d_r)
+        return wq, torch.cat([k_nope, k_rope], dim=-1)

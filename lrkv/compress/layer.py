@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lrkv.attention.kernel import attend
 from lrkv.errors import ConfigError
-from lrkv.rope import apply_rope, rope_cos_sin
+from lrkv.rope import apply_rope
 
 SOURCE_KINDS = ("mha", "gqa", "mqa")
 
@@ -50,11 +50,8 @@ def project_values(v: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
 
 def keys_values(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-RoPE keys norm(a W_K) and values a W_V, each (B, T, G, d_h), with a = attn_norm(x)."""
-    attn = block.attn
-    a = block.attn_norm(x)
-    b, t, _ = x.shape
-    k = attn.k_norm(attn.wk(a).view(b, t, attn.kv_heads, attn.head_dim))
-    return k, attn.wv(a).view(b, t, attn.kv_heads, attn.head_dim)
+    k, v = block.attn.keys_values(block.attn_norm(x))
+    return block.attn.k_norm(k), v
 
 
 def projected_block(block, x: torch.Tensor, pk: torch.Tensor | None = None, pv: torch.Tensor | None = None):
@@ -64,11 +61,8 @@ def projected_block(block, x: torch.Tensor, pk: torch.Tensor | None = None, pv: 
     """
     attn = block.attn
     b, t, _ = x.shape
-    a = block.attn_norm(x)
-    cos, sin = rope_cos_sin(torch.arange(t, device=x.device), attn.head_dim, attn.cfg.rope_theta)
-    q = apply_rope(attn.q_norm(attn.wq(a).view(b, t, attn.n_head, attn.head_dim)), cos, sin)
-    k = attn.k_norm(attn.wk(a).view(b, t, attn.kv_heads, attn.head_dim))
-    v = attn.wv(a).view(b, t, attn.kv_heads, attn.head_dim)
+    q, (cos, sin) = attn.project_queries(block.attn_norm(x), torch.arange(t, device=x.device))
+    k, v = keys_values(block, x)
     if pk is not None:
         k = project_keys(k, pk.to(device=k.device, dtype=k.dtype))
     if pv is not None:

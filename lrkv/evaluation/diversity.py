@@ -4,11 +4,11 @@ For head h the attention score before norms and RoPE is the bilinear form x_i A_
 
     A_h = W_Q,h W_K,hᵀ   (d × d),   W_Q,h, W_K,h: d × d_h (the maps x -> q_h, x -> k_h)
 
+given by each kind's `Attention.head_qk_maps()` (in its own file), e.g.
+
     MHA   W_K,h its own key projection;  GQA/MQA  the key projection of h's group
     LRKV  W_K,h = W_K,shared + U_K,h B_K,h  (shared projection plus the head's rank-r residual)
-    MLA   the per-head effective key map from the latent: [W_DKV W_UK,hᵀ | W_KR] (d × (d_h + d_r)),
-          paired with the head's full query [W_Q,h^nope | W_Q,h^rope] (queries through a low-rank
-          latent: W_DQ W_UQ,h). The RMSNorm of the latent c (a per-token scale) is left out.
+    MLA   the per-head effective key map from the latent: [W_DKV W_UK,hᵀ | W_KR] (d × (d_h + d_r))
 
 Norms are per-token scales and RoPE a position-dependent rotation, so neither enters A_h; learnable
 norm weights (`norm_affine`) are folded in as diagonal scales. The Gram matrix of the flattened maps
@@ -29,47 +29,6 @@ import torch
 
 from lrkv.errors import ConfigError
 from lrkv.evaluation.report import text_table, write_csv, write_json
-
-
-def _scaled(w: torch.Tensor, norm) -> torch.Tensor:
-    """Fold a learnable norm weight (a diagonal scale on the output dims) into w (..., d, d_out)."""
-    weight = getattr(norm, "weight", None)
-    return w * weight.to(w.dtype) if weight is not None else w
-
-
-@torch.no_grad()
-def head_maps(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_Q, W_K) of one attention layer as (H, d, d_q) and (H, d, d_q) in float64."""
-    kind = attn.kind
-    h, dh, d = attn.n_head, attn.head_dim, attn.d_model
-    f64 = torch.float64
-    if kind in ("mha", "gqa", "mqa"):
-        wq = attn.wq.weight.to(f64).view(h, dh, d).transpose(1, 2)
-        wk = attn.wk.weight.to(f64).view(attn.kv_heads, dh, d).transpose(1, 2)
-        wk = wk.repeat_interleave(h // attn.kv_heads, dim=0)
-        return _scaled(wq, attn.q_norm), _scaled(wk, attn.k_norm)
-    if kind == "lrkv":
-        r = attn.rank
-        wq = attn.wq.weight.to(f64).view(h, dh, d).transpose(1, 2)
-        shared = attn.wk_shared.weight.to(f64).t()  # d × d_h
-        u = attn.uk.weight.to(f64).view(h, r, d).transpose(1, 2)  # (H, d, r)
-        wk = shared[None] + u @ attn.bk.to(f64)  # (H, d, d_h)
-        return _scaled(wq, attn.q_norm), _scaled(wk, attn.k_norm)
-    if kind == "mla":
-        dq = dh + attn.d_r
-        if attn.cfg.q_latent:
-            w_uq = _scaled(attn.w_dq.weight.to(f64).t(), attn.q_latent_norm) @ attn.w_uq.weight.to(f64).t()
-            wq = w_uq.view(d, h, dq).permute(1, 0, 2)
-        else:
-            wq = attn.wq.weight.to(f64).view(h, dq, d).transpose(1, 2)
-        w_dkv = _scaled(attn.w_dkv.weight.to(f64).t(), attn.kv_norm)  # d × d_c
-        w_uk = attn.w_uk.weight.to(f64).view(h, dh, attn.d_c).transpose(1, 2)  # (H, d_c, d_h)
-        k_nope = w_dkv[None] @ w_uk  # (H, d, d_h)
-        k_rope = attn.w_kr.weight.to(f64).t()[None].expand(h, d, attn.d_r)
-        return wq, torch.cat([k_nope, k_rope], dim=-1)
-    raise ConfigError(
-        f"head diversity does not know attention kind {kind!r}; add its maps to lrkv/evaluation/diversity.py"
-    )
 
 
 def gram_matrix(wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
@@ -94,7 +53,10 @@ def head_diversity(model) -> list[dict]:
     """Per layer: effective rank of the heads' Gram matrix, absolute and as % of H."""
     rows = []
     for i, block in enumerate(model.blocks):
-        wq, wk = head_maps(block.attn)
+        try:
+            wq, wk = block.attn.head_qk_maps()
+        except NotImplementedError as err:
+            raise ConfigError(f"head diversity: {err}") from None
         erank = effective_rank(gram_matrix(wq, wk))
         h = block.attn.n_head
         rows.append({"layer": i, "heads": h, "effective_rank": erank, "percent_of_heads": 100.0 * erank / h})
