@@ -350,7 +350,9 @@ def test_fsdp_training_checkpoint_exports(tmp_path):
 @pytest.mark.slow
 def test_lm_eval_hf_model_on_export_scores_as_our_adapter(runs, tmp_path):  # noqa: F811
     """lm-eval's `hf` model on the export == our `lrkv` adapter (prefix_eos=false: hf puts nothing before a context)."""
+    pytest.importorskip("accelerate")  # lm-eval's hf model imports it
     import lm_eval
+    import lm_eval.models.huggingface  # noqa: F401 - registers "hf"
     from lm_eval.tasks import TaskManager
 
     import lrkv.evaluation  # noqa: F401 - registers "lrkv"
@@ -360,23 +362,29 @@ def test_lm_eval_hf_model_on_export_scores_as_our_adapter(runs, tmp_path):  # no
         (tmp_path / yaml_file.name).write_text(yaml_file.read_text().replace("DATA_DIR", str(data)))
     tasks = ["lrkv_tiny_mc", "lrkv_tiny_cloze", "lrkv_tiny_rolling", "lrkv_tiny_gen"]
     folder = export_run(runs["lrkv"], tmp_path / "hf")
-    results = {}
+    results, generated = {}, {}
     for model, args in (
         ("lrkv", f"checkpoint={runs['lrkv']},batch_size=2,prefix_eos=false"),
         ("hf", f"pretrained={folder},trust_remote_code=True,dtype=float32,device=cpu,batch_size=2"),
     ):
-        results[model] = lm_eval.simple_evaluate(
+        out = lm_eval.simple_evaluate(
             model=model,
             model_args=args,
             tasks=tasks,
             task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
             bootstrap_iters=0,
-            log_samples=False,
-        )["results"]
+            log_samples=True,
+        )
+        results[model] = out["results"]
+        samples = sorted(out["samples"]["lrkv_tiny_gen"], key=lambda s: s["doc_id"])
+        generated[model] = [s["filtered_resps"] for s in samples]
     for task in tasks:
+        assert any(isinstance(v, float) for v in results["lrkv"][task].values()), task
         for metric, value in results["lrkv"][task].items():
             if isinstance(value, float):
                 assert results["hf"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
+    assert generated["hf"] == generated["lrkv"]  # batches of 2 prompts of different lengths: left padding in hf
+    assert any(text.strip() for texts in generated["lrkv"] for text in texts)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
