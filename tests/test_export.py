@@ -108,6 +108,8 @@ def test_logits_equal_ours(exported, name):
         expected = ours(x)
         assert (hf(x).logits - expected).abs().max() < 1e-4
         assert (hf(x, use_cache=False).logits - expected).abs().max() < 1e-4
+        loss = ours.loss(x[:, :-1], x[:, 1:])
+        assert hf(x, labels=x).loss == pytest.approx(loss.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lrkv.evaluation.runs import find_run_dir, load_checkpoint, read_metrics, read_summary
 
 
@@ -22,7 +24,7 @@ class Source:
 
 def load_source(ckpt: str | Path) -> Source:
     """The model (float32, CPU) and tokenizer of `ckpt`, plus the run's recorded training facts."""
-    pretrained = load_checkpoint(ckpt, device="cpu", dtype="float32")
+    pretrained = load_checkpoint(ckpt, device="cpu", dtype=torch.float32)
     return Source(pretrained.model, pretrained.tokenizer, Path(pretrained.path), run_facts(ckpt))
 
 
