@@ -284,6 +284,9 @@ def test_llama_compatible_models_export_as_plain_llama_and_round_trip(tmp_path, 
         assert torch.equal(back.state_dict()[key], value), key
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+    again = export_run(folder, tmp_path / "again")  # the Llama folder is itself a checkpoint: exports unchanged
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
 
 
 def test_model_with_lrkv_choices_is_not_exported_as_llama(exported):
