@@ -16,8 +16,8 @@ def cache_layout(cfg) -> str:
         return f"c: {d_c} (normalised latent), k_r: {d_r} (RoPE key) = {d_c + d_r}"
     if kind == "lrkv":
         r = cfg.rank
-        shared = "RoPE(norm(k_s))" if getattr(cfg, "residual_rope", True) is False else "k_s (raw)"
-        return f"{shared}, v_s: {dh} each; r_k, r_v: {h}×{r} each = {2 * dh + 2 * h * r}"
+        shared = "RoPE(norm(k_s)), v_s" if getattr(cfg, "residual_rope", True) is False else "k_s, v_s (raw)"
+        return f"{shared}: {dh} each; latents r_k, r_v: {h}×{r} each = {2 * dh + 2 * h * r}"
     if kind == "compressed_kv":
         g, kr, vr = cfg.kv_heads, cfg.attn_options["k_ranks"], cfg.attn_options["v_ranks"]
         per_layer = ", ".join(f"{g * (a + b)}" for a, b in zip(kr, vr))
@@ -68,15 +68,15 @@ def model_card(cfg, params: int, facts: dict, llama: bool, has_tokenizer: bool, 
             rows.append((name, f"{value:,}" if isinstance(value, int) else f"{value:.4f}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     tokenizer = (
-        "`tokenizer = AutoTokenizer.from_pretrained(path)` (the training tokenizer; `<|endoftext|>` is the "
-        "end-of-text token and precedes every document in training)"
+        f"`tokenizer = AutoTokenizer.from_pretrained(path{'' if llama else ', trust_remote_code=True'})` (the "
+        "training tokenizer; `<|endoftext|>` is the end-of-text token and precedes every document in training)"
         if has_tokenizer
         else "**No tokenizer was written**: the checkpoint had none. Add its tokenizer.json to use the model on text."
     )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [lrkv, {cfg.attention}]
+tags: [{"lrkv" if cfg.attention == "lrkv" else "lrkv, " + cfg.attention}]
 ---
 
 # {cfg.name} ({kind_label(cfg)})
