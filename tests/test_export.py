@@ -16,7 +16,7 @@ import torch
 from evaluate_fixtures import runs, tokenizer  # noqa: F401 - runs is a fixture
 from helpers import randomize, tiny_config
 
-from lrkv import ConfigError, ModelConfig, Transformer
+from lrkv import ConfigError, LrkvError, ModelConfig, Transformer
 from lrkv.export import export_run
 from lrkv.rope import apply_rope, rope_cos_sin
 from lrkv.training.checkpoint import load_pretrained, save_pretrained
@@ -425,7 +425,7 @@ def test_checkpoint_without_tokenizer_exports_the_model_and_says_so(tmp_path, ca
 
 
 def test_bad_checkpoint_is_one_line(tmp_path):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(LrkvError) as e:
         export_run(tmp_path / "nothing", tmp_path / "hf")
     assert "does not exist" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "hf").exists()
