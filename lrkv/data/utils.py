@@ -1,9 +1,10 @@
-"""Small helpers shared by the data modules: chunking an iterable, atomic file writes."""
+"""Small helpers shared by the data modules and training: chunking an iterable, atomic file writes."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -24,19 +25,73 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def atomic_write(path: str, data: bytes | str | np.ndarray) -> None:
-    """Write a file so that readers see the old content or the new one, never a partial file:
-    write a temporary file in the same directory, then ``os.replace`` it over ``path``."""
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[str]:
+    """The one way lrkv writes a file: ``with staged(path) as tmp: write(tmp)``.
+
+    The content is written to a hidden temporary name *beside* ``path`` (same filesystem, so the
+    final ``os.replace`` is atomic: readers see the old file or the new one, never a partial one),
+    then renamed over ``path``. On any failure the temporary file is removed. Files are created with
+    the ordinary ``open`` mode, so the process umask decides who may read them (as for any other
+    file). A full disk, a permission error or a read-only folder becomes one line naming the path.
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    tmp = staging_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, np.ndarray):
-                data.tofile(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.makedirs(directory, exist_ok=True)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        remove(tmp)
+        raise write_error(e, path) from e
+
+
+def staging_name(path: str | os.PathLike) -> str:
+    """``dir/.name.<pid>.tmp``: beside the target, unique per process, hidden from globs."""
+    path = os.fspath(path)
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove a file, link or folder if it exists (cleanup never raises)."""
+    import shutil
+
+    try:
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
+_WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the filesystem is read-only",
+}
+
+
+def write_error(e: BaseException, path: str | os.PathLike) -> BaseException:
+    """``OutputError`` (one line naming the path and the fix) for a full disk, a permission error or a
+    read-only folder; any other exception unchanged."""
+    from lrkv.errors import OutputError
+
+    if isinstance(e, OutputError) or not isinstance(e, OSError) or e.errno not in _WRITE_ERRORS:
+        return e
+    return OutputError(
+        f"cannot write {os.fspath(path)}: {_WRITE_ERRORS[e.errno]}; free space or choose a writable folder "
+        "(paths.output_dir=... / paths.cache_dir=...)"
+    )
+
+
+def atomic_write(path: str, data: bytes | str | np.ndarray) -> None:
+    """Write a file atomically (see ``staged``)."""
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        if isinstance(data, np.ndarray):
+            data.tofile(f)
+        else:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
