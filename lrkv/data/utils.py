@@ -31,9 +31,9 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
 
     The content is written to a hidden temporary name *beside* ``path`` (same filesystem, so the
     final ``os.replace`` is atomic: readers see the old file or the new one, never a partial one),
-    then renamed over ``path``. On any failure the temporary file is removed. Files are created with
-    the ordinary ``open`` mode, so the process umask decides who may read them (as for any other
-    file). A full disk, a permission error or a read-only folder becomes one line naming the path.
+    then renamed over ``path``. On any failure the temporary file is removed. The file gets the mode
+    of any newly created file (0666 minus the process umask), whatever the writer used, so teammates
+    read outputs and the shared cache as the umask allows. A full disk, a permission error or a read-only folder becomes one line naming the path.
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
@@ -41,10 +41,26 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     try:
         os.makedirs(directory, exist_ok=True)
         yield tmp
+        if os.path.isfile(tmp) and not os.path.islink(tmp):  # some writers (safetensors) create files 0600
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
         remove(tmp)
         raise write_error(e, path) from e
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def staging_name(path: str | os.PathLike) -> str:
@@ -83,8 +99,9 @@ def write_error(e: BaseException, path: str | os.PathLike) -> BaseException:
     if isinstance(e, OutputError) or not isinstance(e, OSError) or e.errno not in _WRITE_ERRORS:
         return e
     return OutputError(
-        f"cannot write {os.fspath(path)}: {_WRITE_ERRORS[e.errno]}; free space or choose a writable folder "
-        "(paths.output_dir=... / paths.cache_dir=...)"
+        f"cannot write {os.fspath(path)}: {_WRITE_ERRORS[e.errno]}; "
+        + ("free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder")
+        + " (paths.output_dir=... / paths.cache_dir=...)"
     )
 
 

@@ -198,15 +198,18 @@ def configure_console() -> None:
     every line twice: it is removed and Lightning's records go through the root. Lightning's banners
     (accelerator availability, tips, "fit stopped", checkpoint-format notes) are filtered out.
     """
-    root_handles = bool(logging.getLogger().handlers)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Quiet) for f in logger.filters):
-            logger.addFilter(_Quiet())
-        for handler in list(logger.handlers) if root_handles else []:
-            logger.removeHandler(handler)
-        if root_handles:
+        if root.handlers:  # Hydra's console + train.log handlers print Lightning's records once
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
             logger.propagate = True
+        handlers += logger.handlers
+    for handler in handlers:
+        if not any(isinstance(f, _Quiet) for f in handler.filters):
+            handler.addFilter(_Quiet())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")  # ours, on purpose
