@@ -33,7 +33,8 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     final ``os.replace`` is atomic: readers see the old file or the new one, never a partial one),
     then renamed over ``path``. On any failure the temporary file is removed. The file gets the mode
     of any newly created file (0666 minus the process umask), whatever the writer used, so teammates
-    read outputs and the shared cache as the umask allows. A full disk, a permission error or a read-only folder becomes one line naming the path.
+    read outputs and the shared cache as the umask allows. A full disk, a permission error or a
+    read-only folder becomes one line naming the path.
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
@@ -46,7 +47,7 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
         os.replace(tmp, path)
     except BaseException as e:
         remove(tmp)
-        raise write_error(e, path) from e
+        raise_write_error(e, path)
 
 
 def current_umask() -> int:
@@ -103,6 +104,14 @@ def write_error(e: BaseException, path: str | os.PathLike) -> BaseException:
         + ("free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder")
         + " (paths.output_dir=... / paths.cache_dir=...)"
     )
+
+
+def raise_write_error(e: BaseException, path) -> None:
+    """Raise ``write_error(e, path)`` from ``e``, or ``e`` itself when it is not a write failure we name."""
+    error = write_error(e, path)
+    if error is e:
+        raise e
+    raise error from e
 
 
 def atomic_write(path: str, data: bytes | str | np.ndarray) -> None:

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lrkv.data.utils import remove, staged, staging_name, write_error
+from lrkv.data.utils import raise_write_error, remove, staged, staging_name
 from lrkv.errors import TrainingInterrupted
 
 LAST = "last.ckpt"
@@ -54,7 +54,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             super().save_checkpoint(checkpoint, tmp, storage_options)
         except BaseException as e:
             remove(tmp)
-            raise write_error(e, path) from e
+            raise_write_error(e, path)
         self.barrier()
         if self.global_rank == 0:
             try:
@@ -63,7 +63,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 os.replace(tmp, path)
             except OSError as e:
                 remove(tmp)
-                raise write_error(e, path) from e
+                raise_write_error(e, path)
         self.barrier()
 
 
@@ -119,11 +119,8 @@ class PeriodicCheckpoint(L.Callback):
         trainer.save_checkpoint(path, weights_only=False)  # atomic: AtomicCheckpointIO / AtomicModelParallelStrategy
         if trainer.is_global_zero:
             link = self.dirpath / LAST
-            try:
-                with staged(link) as tmp:
-                    os.symlink(path.name, tmp)
-            except OSError as e:
-                raise write_error(e, link) from e
+            with staged(link) as tmp:
+                os.symlink(path.name, tmp)
             self._prune(keep_also=path)
         trainer.strategy.barrier()
         self.last_saved_step = step

@@ -226,9 +226,9 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         try:
             lock.acquire()
         except OSError as e:
-            from lrkv.data.utils import write_error
+            from lrkv.data.utils import raise_write_error
 
-            raise write_error(e, run_dir) from e
+            raise_write_error(e, run_dir)
     try:
         return _train(cfg, run_dir, extra_callbacks, loggers)
     finally:
