@@ -20,6 +20,10 @@ class CheckpointError(LrkvError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
+class OutputError(LrkvError, OSError):
+    """An output that cannot be written: full disk, no permission, read-only folder, folder in use."""
+
+
 class TrainingInterrupted(LrkvError):
     """SIGTERM or Ctrl-C stopped training after saving a checkpoint."""
 

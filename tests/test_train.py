@@ -155,6 +155,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, cache_dir):
         train_in_process(tiny_overrides(tmp_path, cache_dir) + [f"ckpt_path={bad}"], tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, cache_dir):
     base = tiny_overrides(tmp_path, cache_dir)
     cases = [  # (arguments replacing the same keys in base, keys dropped from base, expected text)
@@ -176,6 +177,7 @@ def test_cli_errors_are_one_line(tmp_path, cache_dir):
         assert last.startswith("error: ") and expected in last, (extra, last)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, cache_dir):
     """2 CPU processes (gloo) with FSDP2 + Muon == 1 process with the same global batch; sharded resume is exact."""
     common = {"train.ckpt_every": 2, "train.val_every": 2, "train.batch_tokens": 512}
@@ -228,6 +230,7 @@ def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, cache_dir)
     assert resumed == pytest.approx({k: v for k, v in train_losses(fsdp_dir).items() if k > 2}, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
     """A real SIGINT to `python train.py`: it finishes the step, saves, exits 130; ckpt_path=last continues exactly."""
     import signal
@@ -268,6 +271,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir):
     assert train_losses(run_dir) == pytest.approx(train_losses(reference), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_kinds_and_ranks(tmp_path, cache_dir):
     args = [
         a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if not a.startswith("model=")
@@ -287,6 +291,7 @@ def test_multirun_sweeps_kinds_and_ranks(tmp_path, cache_dir):
     assert summaries[0]["kv_bytes_per_token"] < summaries[1]["kv_bytes_per_token"]
 
 
+@pytest.mark.slow
 def test_optuna_sweep_minimises_validation_loss(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = [a for a in tiny_overrides(tmp_path, cache_dir, steps=2, **{"train.val_every": 2}) if a != "run_name=run"]
@@ -297,6 +302,7 @@ def test_optuna_sweep_minimises_validation_loss(tmp_path, cache_dir):
     assert len(list((tmp_path / "multirun").glob("*/*/summary.json"))) == 2
 
 
+@pytest.mark.slow
 def test_wandb_logger_offline(tmp_path, cache_dir):
     result = run_script(tiny_overrides(tmp_path, cache_dir, steps=2) + ["logger=wandb"], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -316,14 +322,16 @@ def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, cache_di
             f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpointing, "_atomic_save", crash)
+    monkeypatch.setattr(checkpointing, "_write_checkpoint", crash)
     with pytest.raises(OSError, match="disk full"):
         train_in_process(tiny_overrides(tmp_path, cache_dir, steps=6) + ["ckpt_path=last"], run_dir)
     assert (run_dir / "checkpoints" / "last.ckpt").resolve() == good
     assert torch.load(good, weights_only=True)["global_step"] == 3
     assert not (run_dir / "checkpoints" / "step-00000006.ckpt").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step-00000003.ckpt"]
 
 
+@pytest.mark.slow
 def test_fsdp_resume_of_a_streamed_corpus_restores_every_rank(tmp_path, cache_dir):
     """storage=stream: each rank has its own stream position; a sharded checkpoint keeps all of them."""
     args = tiny_overrides(

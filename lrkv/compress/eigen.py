@@ -17,6 +17,7 @@ If tau = 1.0 already fails, the layer keeps full rank.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from lrkv.errors import ConfigError
 
 from .layer import KVStats, block_error
+
+log = logging.getLogger("lrkv")
 
 
 @dataclass
@@ -89,6 +92,10 @@ def threshold_search(block, x, y, bases: EigenBases, options: EigenOptions, chun
         rk, rv = threshold_rank(bases.sk, tau), threshold_rank(bases.sv, tau)
         err = block_error(block, x, y, bases.key(rk), bases.value(rv), chunk_rows)
         trace.append({"threshold": tau, "k_rank": rk, "v_rank": rv, "rel_error": err.rel_error})
+        log.info(
+            f"EigenAttention layer {getattr(block, 'layer', '?')}: threshold {tau:g} -> key rank {rk}, "
+            f"value rank {rv}, relative error {err.rel_error:.4g} (budget {options.error_budget:g})"
+        )
         if err.rel_error >= options.error_budget or rk <= min_rank or rv <= min_rank or tau <= options.step:
             break
         step += 1

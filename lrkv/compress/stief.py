@@ -26,7 +26,9 @@ Choices where the paper is silent (documented here):
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,8 @@ from torch import nn
 from lrkv.errors import ConfigError
 
 from .layer import projected_block
+
+log = logging.getLogger("lrkv")
 
 
 @dataclass
@@ -186,17 +190,21 @@ class LearnedBases:
 
 
 def stief_bases(block, x, y, stats, eigen, k_ranks, v_ranks, options: StiefOptions) -> LearnedBases:
-    """Train the key bases at k_ranks and the value bases at v_ranks of one layer (full rank is free)."""
+    """Train the key bases at k_ranks and the value bases at v_ranks of one layer (full rank is free).
+
+    Logs one progress line per layer and rank (this is the slow part of compression)."""
     attn = block.attn
     bases = LearnedBases(attn.head_dim, attn.kv_heads)
-    for r in sorted(set(k_ranks)):
-        if r < attn.head_dim:
-            bases.keys[r], bases.info[f"k{r}"] = train_basis(
-                block, x, y, "k", r, stats.mean_k, stats.var_k, eigen.uk, options
-            )
-    for r in sorted(set(v_ranks)):
-        if r < attn.head_dim:
-            bases.values[r], bases.info[f"v{r}"] = train_basis(
-                block, x, y, "v", r, stats.mean_v, stats.var_v, eigen.uv, options
-            )
+    todo = [("k", r) for r in sorted(set(k_ranks)) if r < attn.head_dim]
+    todo += [("v", r) for r in sorted(set(v_ranks)) if r < attn.head_dim]
+    for i, (which, r) in enumerate(todo, 1):
+        start = time.perf_counter()
+        mean, var, m0 = (stats.mean_k, stats.var_k, eigen.uk) if which == "k" else (stats.mean_v, stats.var_v, eigen.uv)
+        basis, info = train_basis(block, x, y, which, r, mean, var, m0, options)
+        (bases.keys if which == "k" else bases.values)[r], bases.info[f"{which}{r}"] = basis, info
+        log.info(
+            f"StiefAttention layer {getattr(block, 'layer', '?')}: {'key' if which == 'k' else 'value'} rank {r} "
+            f"({i}/{len(todo)}): {info['epochs']} epochs, held-out error {info['init_val']:.4g} -> "
+            f"{info['best_val']:.4g} ({time.perf_counter() - start:.1f} s)"
+        )
     return bases

@@ -28,6 +28,7 @@ import functools
 import glob
 import hashlib
 import itertools
+import logging
 import os
 import re
 import socket
@@ -349,16 +350,64 @@ def _read_source(spec: CorpusSpec, kind: str, val_split: str | None, hf_cache_di
 
 
 def _texts(rows: Iterable[dict], field: str, where: str) -> Iterator[str]:
-    """The non-empty string values of one column; DataError naming the columns if it is missing."""
+    """The non-empty string values of one column. Rows without the column, empty rows and undecodable
+    rows (bytes that are not UTF-8, or no text at all) are skipped and counted: after a full pass the
+    run is told "skipped N of M documents" (once per source), and a source with nothing left is a
+    DataError naming the columns it has."""
+    total, skipped, columns = 0, {"without the column": 0, "empty": 0, "undecodable": 0}, None
     for row in rows:
+        total += 1
         if field not in row:
-            raise DataError(
-                f"no column {field!r} in {where!r} (columns: {', '.join(row)}): "
-                "set data.text_field to the column holding the text"
-            )
+            skipped["without the column"] += 1
+            columns = columns or list(row)
+            if skipped["without the column"] == total == FIELD_PROBE_ROWS:  # a wrong column: fail fast
+                raise DataError(
+                    f"no column {field!r} in the first {total} rows of {where!r} (columns: {', '.join(row)}): "
+                    "set data.text_field to the column holding the text"
+                )
+            continue
         text = row[field]
-        if isinstance(text, str) and text:
-            yield text
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped["undecodable"] += 1
+                continue
+        if text is None:  # json rows: datasets fills a column missing from a row with null
+            skipped["without the column"] += 1
+            continue
+        if not isinstance(text, str):
+            skipped["undecodable"] += 1
+            continue
+        if not text:
+            skipped["empty"] += 1
+            continue
+        yield text
+    _report_skipped(where, field, total, skipped, columns)
+
+
+_REPORTED: set[str] = set()
+FIELD_PROBE_ROWS = 100  # this many leading rows without the text column: the column name is wrong
+
+
+def _report_skipped(where: str, field: str, total: int, skipped: dict, columns: list | None) -> None:
+    count = sum(skipped.values())
+    if not count:
+        return
+    why = ", ".join(
+        f"{n} {reason}" + (f" {field!r}" if reason == "without the column" else "")
+        for reason, n in skipped.items()
+        if n
+    )
+    if count == total:
+        hint = (
+            f" (columns: {', '.join(columns)}): set data.text_field to the column holding the text" if columns else ""
+        )
+        raise DataError(f"{where!r}: all {total} documents were skipped ({why}){hint}")
+    message = f"{where!r}: skipped {count} of {total} documents ({why})"
+    if message not in _REPORTED:  # the same pass runs for the tokenizer, the tokens and each split
+        _REPORTED.add(message)
+        logging.getLogger("lrkv").warning(message)
 
 
 def _take(items: Iterable[str], n: int) -> Iterator[str]:

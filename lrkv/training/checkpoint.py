@@ -14,8 +14,6 @@ checkpoint folder, or a local Hugging Face Llama-style folder (lrkv/compress/hf_
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrkv.config import ModelConfig
-from lrkv.data.utils import atomic_write
+from lrkv.data.utils import atomic_write, staged
 from lrkv.errors import CheckpointError
 from lrkv.model import Transformer
 
@@ -46,14 +44,8 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer=None, stat
     folder.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.")
-    os.close(fd)
-    try:
+    with staged(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, folder / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write(str(folder / CONFIG_FILE), json.dumps(model.cfg.to_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(str(folder / TOKENIZER_FILE))

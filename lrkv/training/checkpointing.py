@@ -1,55 +1,44 @@
-"""Checkpoints that a crash, Ctrl-C or SIGTERM never corrupt.
+"""Checkpoints that a crash, Ctrl-C, SIGTERM or a diverging run never corrupt.
 
-Every checkpoint is written under a temporary name and renamed into place (a file for one process,
-a folder of shards under FSDP); `checkpoints/last.ckpt` is a symlink switched atomically to the
-newest complete one, and older checkpoints are pruned only after that. `ckpt_path=last` follows it.
+Every checkpoint is written under a temporary name beside its final one and renamed into place
+(`lrkv.data.utils.staged`: a file for one process; a folder of shards under FSDP, published by rank 0
+when every rank has written); `checkpoints/last.ckpt` is a symlink switched atomically to the newest
+complete one, and older checkpoints are pruned only after that. `ckpt_path=last` follows it.
+
+A checkpoint is written only when the weights and the optimizer state are all finite, so last.ckpt
+is always the newest finite checkpoint, the one the NaN guard (training/step.py) points at.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.utilities.cloud_io import _atomic_save
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lrkv.data.utils import raise_write_error, remove, staged, staging_name
 from lrkv.errors import TrainingInterrupted
 
 LAST = "last.ckpt"
+log = logging.getLogger("lrkv")
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a finished temporary checkpoint to its final name (replacing an older one of that name)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+def _write_checkpoint(checkpoint: dict, path: str) -> None:
+    torch.save(checkpoint, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the same folder, then os.replace."""
+    """torch.save to a temporary file beside the target, then os.replace (lrkv.data.utils.staged)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(path)
-        _atomic_save(checkpoint, tmp)
-        _publish(tmp, path)
+        with staged(path) as tmp:
+            _write_checkpoint(checkpoint, tmp)
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -57,15 +46,38 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         path = Path(self.broadcast(str(filepath)))
-        tmp = _tmp_name(path)
+        tmp = Path(self.broadcast(staging_name(path)))
         if self.global_rank == 0:
-            _remove(tmp)
+            remove(tmp)
         self.barrier()
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except BaseException as e:
+            remove(tmp)
+            raise_write_error(e, path)
         self.barrier()
         if self.global_rank == 0:
-            _publish(tmp, path)
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    remove(path)
+                os.replace(tmp, path)
+            except OSError as e:
+                remove(tmp)
+                raise_write_error(e, path)
         self.barrier()
+
+
+def all_finite(trainer, pl_module) -> bool:
+    """Weights and optimizer state all finite (this rank's shards; every rank agrees on the answer)."""
+    tensors = [p.detach() for p in pl_module.parameters()]
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    finite = bool(torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all()) if local else True
+    if trainer.world_size > 1:
+        finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
+    return finite
 
 
 def resolve_last(checkpoint_dir: Path) -> Path | None:
@@ -84,34 +96,31 @@ class PeriodicCheckpoint(L.Callback):
         self.dirpath, self.every_n_steps, self.keep = Path(dirpath), every_n_steps, max(1, keep)
         self.last_saved_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_step(self, trainer) -> None:
+        """At the end of an optimizer step (step.StepEnd): save every `every_n_steps` steps."""
         step = trainer.global_step
-        if (
-            self.every_n_steps
-            and step % self.every_n_steps == 0
-            and step > 0
-            and self._at_step_boundary(trainer, batch_idx)
-        ):
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
 
-    @staticmethod
-    def _at_step_boundary(trainer, batch_idx: int) -> bool:
-        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-
     def save(self, trainer) -> Path | None:
         step = trainer.global_step
         if step == self.last_saved_step or step == 0:
             return None
+        if not all_finite(trainer, trainer.lightning_module):
+            log.warning(
+                f"step {step}: the weights or optimizer state are not finite; no checkpoint written "
+                f"(last.ckpt stays at {resolve_last(self.dirpath)})"
+            )
+            return None
         path = self.dirpath / f"step-{step:08d}.ckpt"
-        trainer.save_checkpoint(path)  # atomic: AtomicCheckpointIO / AtomicModelParallelStrategy
+        trainer.save_checkpoint(path, weights_only=False)  # atomic: AtomicCheckpointIO / AtomicModelParallelStrategy
         if trainer.is_global_zero:
-            link, tmp = self.dirpath / LAST, self.dirpath / f".{LAST}.tmp"
-            _remove(tmp)
-            os.symlink(path.name, tmp)
-            os.replace(tmp, link)
+            link = self.dirpath / LAST
+            with staged(link) as tmp:
+                os.symlink(path.name, tmp)
             self._prune(keep_also=path)
         trainer.strategy.barrier()
         self.last_saved_step = step
@@ -121,7 +130,7 @@ class PeriodicCheckpoint(L.Callback):
         checkpoints = sorted(p for p in self.dirpath.glob("step-*.ckpt"))
         for old in checkpoints[: -self.keep]:
             if old != keep_also:
-                _remove(old)
+                remove(old)
 
     def state_dict(self) -> dict:
         return {"last_saved_step": self.last_saved_step}
@@ -156,9 +165,8 @@ class GracefulStop(L.Callback):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handler)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not PeriodicCheckpoint._at_step_boundary(trainer, batch_idx):
-            return
+    def on_step(self, trainer) -> None:
+        """At the end of an optimizer step (step.StepEnd), after the periodic checkpoint."""
         stop = self.requested is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -17,8 +17,8 @@ import lightning as L
 import torch
 
 from lrkv.config import ModelConfig
-from lrkv.errors import LrkvError
 from lrkv.model import Transformer, seeded
+from lrkv.training import step
 from lrkv.training.optim import build_optimizer, lr_factor
 
 # validation metrics are summed over ranks by hand below before they are logged
@@ -72,12 +72,16 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
+        batch_tokens: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: the checkpoint stays loadable with weights_only=True
         self.model_cfg = ModelConfig.from_dict(dict(model))
         self.model: Transformer | None = None
         self.token_bytes: torch.Tensor | None = None  # bytes of each token id, for bits-per-byte
+        self.step_loss_sum: torch.Tensor | None = None  # this optimizer step's micro-batch losses (device)
+        self.step_micro_batches = 0
+        self.last_loss: float | None = None  # the previous step's mean loss and gradient norm (host)
         self.last_grad_norm: float | None = None
         self._val_sums: torch.Tensor | None = None
 
@@ -106,30 +110,20 @@ class LanguageModel(L.LightningModule):
         if datamodule is not None and getattr(datamodule, "token_bytes", None) is not None:
             self.token_bytes = datamodule.token_bytes
 
-    # ---- steps --------------------------------------------------------------------------------
+    # ---- steps (the order of one optimizer step: lrkv/training/step.py) -------------------------
     def training_step(self, batch, batch_idx):
         loss = self.model.loss(batch["input"], batch["target"])
-        if not self._all_finite(loss):
-            raise LrkvError(
-                f"training loss is {loss.item()} at step {self.global_step}; stopped, the last good checkpoint is "
-                "kept in checkpoints/ (lower optim learning rates or raise warmup, then resume with ckpt_path=last)"
-            )
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True)
+        step.add_micro_batch_loss(self, loss)
         return loss
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = not bool(torch.isfinite(loss.detach()))
-        if self.trainer.world_size > 1:  # every rank must stop together
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        return not bad
-
     def on_before_optimizer_step(self, optimizer) -> None:
-        clip = self.hparams.optim.get("grad_clip")
-        params = [p for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.last_grad_norm = float(norm)
+        step.clip_and_check(self, self.hparams.optim.get("grad_clip"))
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """CUDA: the DataLoader pins the batch (run.make_datamodule), the copy does not block the host."""
+        if device.type == "cuda" and isinstance(batch, dict):
+            return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def validation_step(self, batch, batch_idx):
         targets = batch["target"]
@@ -160,19 +154,29 @@ class LanguageModel(L.LightningModule):
         self.val_metrics = metrics
 
     # ---- optimizer ----------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def lr_schedule(self) -> dict:
         optim = dict(self.hparams.optim)
-        optimizer = build_optimizer(self.model, optim)
-        schedule = dict(
+        return dict(
             schedule=optim.get("schedule", "cosine"),
             warmup_steps=int(optim.get("warmup_steps", 0)),
             total_steps=int(self.hparams.total_steps),
             min_lr_ratio=float(optim.get("min_lr_ratio", 0.0)),
             decay_fraction=float(optim.get("decay_fraction", 0.2)),
         )
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, dict(self.hparams.optim))
+        schedule = self.lr_schedule()
         lr_factor(0, **schedule)  # validates the schedule name early
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(**schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # resumed: this run's budget and optim values apply (training/settings.py)
+            from lrkv.training.settings import apply_optim_settings
+
+            scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+            apply_optim_settings(self, self.trainer.optimizers[0], scheduler)
 
     # ---- RNG state in checkpoints ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

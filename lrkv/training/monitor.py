@@ -109,8 +109,13 @@ def _fmt(value):
 
 
 class TrainMonitor(L.Callback):
-    """Every `log_every` optimizer steps: loss (mean over ranks and micro-batches), lr, grad norm,
-    tokens seen, tokens/s, MFU, peak memory; validation loss and bits-per-byte after each validation.
+    """Every `log_every` optimizer steps (and at the last step): loss (mean over the steps since the last
+    row; each step's loss is already the mean over ranks and micro-batches, see training/step.py), lr,
+    grad norm, tokens seen, tokens/s, MFU, peak memory; validation loss and bits-per-byte after each
+    validation. Also drives the progress bar (one bar of optimizer steps, rank 0).
+
+    Nothing here synchronises with the device: the step's loss and gradient norm arrive as numbers from
+    the step's one host sync (step.clip_and_check). tokens/s is measured between rows.
 
     tokens_per_step: global tokens per optimizer step. flops_per_token: for MFU.
     """
@@ -125,6 +130,7 @@ class TrainMonitor(L.Callback):
         params: int,
         peak_flops: float | None = None,
         resume: bool = False,
+        progress_bar: bool = False,
     ):
         self.run_dir, self.log_every = Path(run_dir), max(1, log_every)
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
@@ -132,9 +138,11 @@ class TrainMonitor(L.Callback):
         self.configured_peak, self.resume = peak_flops, resume
         self.csv: MetricsCSV | None = None
         self.history: list[dict] = []
-        self._loss_sum, self._loss_count = 0.0, 0
+        self._losses: list[float] = []
         self._t0 = None
         self._step0 = 0
+        self.show_progress = progress_bar
+        self.progress: StepProgress | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -143,43 +151,42 @@ class TrainMonitor(L.Callback):
             self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume=self.resume)
             if self.resume:
                 self.csv.truncate_after(trainer.global_step)
-        self._sync(pl_module)
+            if self.show_progress:
+                self.progress = StepProgress(trainer.max_steps, trainer.global_step, self.tokens_per_step)
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
-        self._start_time = self._t0
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         if self.csv is not None:
             self.csv.close()
             self.csv = None
 
-    # ---- training -----------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._loss_sum = self._loss_sum + loss.detach().double() * trainer.accumulate_grad_batches  # (unscaled)
-        self._loss_count += 1
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return
+    # ---- training (called by step.StepEnd at the end of each optimizer step) -------------------
+    def on_step(self, trainer, pl_module) -> None:
         step = trainer.global_step
-        if step % self.log_every:
+        self._losses.append(pl_module.last_loss)
+        if self.progress is not None:
+            self.progress.update(step, pl_module.last_loss)
+        if step % self.log_every and step < trainer.max_steps:
             return
-        mean_loss = torch.stack(
-            [
-                torch.as_tensor(self._loss_sum, dtype=torch.float64, device=pl_module.device),
-                torch.tensor(float(self._loss_count), dtype=torch.float64, device=pl_module.device),
-            ]
-        )
-        if trainer.world_size > 1:
-            mean_loss = trainer.strategy.reduce(mean_loss, reduce_op="sum")
-        self._loss_sum, self._loss_count = 0.0, 0
-        self._sync(pl_module)
         now = time.perf_counter()
         tokens_per_s = (step - self._step0) * self.tokens_per_step / max(now - self._t0, 1e-9)
         self._t0, self._step0 = now, step
+        train_loss = sum(self._losses) / len(self._losses)
+        self._losses = []
         optimizer = trainer.optimizers[0]
         row = {
             "step": step,
             "tokens": step * self.tokens_per_step,
-            "train_loss": float(mean_loss[0] / mean_loss[1]),
+            "train_loss": train_loss,
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": pl_module.last_grad_norm,
             "tokens_per_s": tokens_per_s,
@@ -196,7 +203,10 @@ class TrainMonitor(L.Callback):
             return
         step = trainer.global_step
         self._emit(trainer, {"step": step, "tokens": step * self.tokens_per_step, **metrics})
+        if self.progress is not None:
+            self.progress.validated(metrics["val_loss"])
         pl_module.val_metrics = None
+        self._t0 = time.perf_counter()  # validation time is not training throughput
 
     # ---- helpers ------------------------------------------------------------------------------
     def _emit(self, trainer, row: dict) -> None:
@@ -209,10 +219,42 @@ class TrainMonitor(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(numbers, step=row["step"])
 
-    @staticmethod
-    def _sync(pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+
+class StepProgress:
+    """One progress bar of optimizer steps (not micro-batches): tokens/s, loss, val loss, ETA (tqdm)."""
+
+    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.tokens_per_step, self.start_step, self.t0 = tokens_per_step, start_step, time.perf_counter()
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=0.5 if interactive else 30.0,
+            file=sys.stderr,
+        )
+        self.val_loss: float | None = None
+
+    def update(self, step: int, loss: float | None) -> None:
+        self.bar.update(step - self.bar.n)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        postfix = {"loss": f"{loss:.4f}" if loss is not None else "-"}
+        if self.val_loss is not None:
+            postfix["val"] = f"{self.val_loss:.4f}"
+        postfix["tok/s"] = f"{(step - self.start_step) * self.tokens_per_step / elapsed:,.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def validated(self, val_loss: float) -> None:
+        self.val_loss = val_loss
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

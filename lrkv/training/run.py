@@ -2,15 +2,18 @@
 
     summary = train(cfg, run_dir)
 
-Steps: data module (tokenizer first, so the vocabulary can follow it) -> model config -> global
-batch arithmetic (gradient accumulation so that the global batch is `train.batch_tokens`) ->
-Trainer (single device, DDP or FSDP2) with our callbacks -> fit (resuming from `ckpt_path`) ->
-export `pretrained/`, `summary.json`, `loss.png`.
+Steps: settings checked (training/settings.py) -> the run folder locked (training/lock.py) -> data
+module (tokenizer first, so the vocabulary can follow it) -> model config -> global batch arithmetic
+(gradient accumulation so that the global batch is `train.batch_tokens`) -> resume rules when
+resuming -> Trainer (single device, DDP or FSDP2) with our callbacks -> fit (one optimizer step is
+described in training/step.py) -> export `pretrained/`, `summary.json`, `loss.png`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,12 +33,16 @@ from lrkv.training.checkpointing import (
     PeriodicCheckpoint,
     resolve_last,
 )
+from lrkv.training.lock import RunLock, process_rank
 from lrkv.training.module import LanguageModel
 from lrkv.training.monitor import TrainMonitor, plot_losses, read_metrics, write_summary
+from lrkv.training.settings import check_settings, resume_rules, warn_settings, warn_small_tokenizer
+from lrkv.training.step import StepEnd
 
 
 def measured_kv_bytes_per_token(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
-    """KV-cache bytes per token from a real cache after a prefill (meta device: no memory), checked against the formula."""
+    """KV-cache bytes per token from a real cache after a prefill (meta device: no memory), checked against
+    the formula."""
     with torch.device("meta"):
         model = Transformer(cfg)
     cache = model.new_cache(1, 4, dtype=dtype, device="meta")
@@ -51,6 +58,9 @@ def measured_kv_bytes_per_token(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
 # ---- pieces ---------------------------------------------------------------------------------------
 def make_datamodule(cfg: dict) -> LMDataModule:
     data, tok = dict(cfg["data"]), dict(cfg.get("tokenizer") or {})
+    trainer_cfg = cfg.get("trainer") or {}
+    on_cuda = trainer_cfg.get("accelerator", "auto") not in ("cpu",) and torch.cuda.is_available()
+    data.setdefault("pin_memory", on_cuda)  # pinned batches: non-blocking host-to-device copies
     tokenizer = tok.get("path") or "bpe"
     if tok.get("kind", "bpe") != "bpe" and not tok.get("path"):
         raise ConfigError(
@@ -83,7 +93,8 @@ def batch_plan(train_cfg: dict, micro_batch: int, seq_len: int, world: int) -> t
     if batch_tokens % micro_tokens:
         raise ConfigError(
             f"train.batch_tokens={batch_tokens} is not a multiple of data.batch_size x data.seq_len x devices = "
-            f"{micro_batch} x {seq_len} x {world} = {micro_tokens}; set train.batch_tokens to a multiple of {micro_tokens}"
+            f"{micro_batch} x {seq_len} x {world} = {micro_tokens}; "
+            f"set train.batch_tokens to a multiple of {micro_tokens}"
         )
     accumulate = batch_tokens // micro_tokens
     if train_cfg.get("max_tokens"):
@@ -136,7 +147,8 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
         last = resolve_last(path / "checkpoints")
         if last is None:
             raise CheckpointError(
-                f"run folder {path} has no checkpoint in checkpoints/; pass a checkpoint file or start without ckpt_path"
+                f"run folder {path} has no checkpoint in checkpoints/; "
+                "pass a checkpoint file or start without ckpt_path"
             )
         return last
     if not path.exists():
@@ -161,9 +173,70 @@ def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
         )
 
 
+# ---- the console ----------------------------------------------------------------------------------
+LIGHTNING_NOISE = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "Tip:",
+    "`Trainer(limit_val_batches",
+    "`Trainer.fit` stopped",
+    "`weights_only` was not set",
+    "LOCAL_RANK:",
+)
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in LIGHTNING_NOISE)
+
+
+def configure_console() -> None:
+    """One line per message, and only messages a user can act on.
+
+    Under Hydra the root logger prints (and writes train.log), so Lightning's own handler would print
+    every line twice: it is removed and Lightning's records go through the root. Lightning's banners
+    (accelerator availability, tips, "fit stopped", checkpoint-format notes) are filtered out.
+    """
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if root.handlers:  # Hydra's console + train.log handlers print Lightning's records once
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+        handlers += logger.handlers
+    for handler in handlers:
+        if not any(isinstance(f, _Quiet) for f in handler.filters):
+            handler.addFilter(_Quiet())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")  # ours, on purpose
+
+
 # ---- the run --------------------------------------------------------------------------------------
 def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, loggers: list | None = None) -> dict:
+    """Check the settings, hold the run folder (rank 0), train; see the module docstring."""
     run_dir = Path(run_dir)
+    check_settings(cfg)
+    configure_console()
+    lock = RunLock(run_dir) if process_rank() == 0 else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except OSError as e:
+            from lrkv.data.utils import raise_write_error
+
+            raise_write_error(e, run_dir)
+    try:
+        return _train(cfg, run_dir, extra_callbacks, loggers)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list | None) -> dict:
     train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
@@ -172,12 +245,16 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     precision, fsdp_dtype = resolve_precision(trainer_cfg)
     datamodule = make_datamodule(cfg)
     tokenizer = datamodule.load_tokenizer()
+    tok_cfg = cfg.get("tokenizer") or {}
+    if tok_cfg.get("kind", "bpe") == "bpe" and not tok_cfg.get("path") and process_rank() == 0:
+        warn_small_tokenizer(int(tok_cfg.get("vocab_size", 4096)), tokenizer.vocab_size)
     model_fields = dict(cfg["model"])
     if train_cfg.get("vocab_from_tokenizer", True):
         model_fields["vocab_size"] = padded_vocab_size(tokenizer.vocab_size)
     elif model_fields.get("vocab_size", 0) < tokenizer.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={model_fields.get('vocab_size')} < tokenizer vocabulary {tokenizer.vocab_size}; raise it or set train.vocab_from_tokenizer=true"
+            f"model.vocab_size={model_fields.get('vocab_size')} < tokenizer vocabulary {tokenizer.vocab_size}; "
+            "raise it or set train.vocab_from_tokenizer=true"
         )
     model_cfg = ModelConfig.from_dict(model_fields)
     seq_len = int(datamodule.hparams.seq_len)
@@ -187,11 +264,24 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         )
 
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
+    if process_rank() == 0:
+        warn_settings(cfg, total_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(run_dir / "tokenizer.json"))  # (atomic) so that intermediate checkpoints can be evaluated
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
+    changes = []
     if ckpt is not None:
         check_checkpoint_model(ckpt, model_cfg)
+        from lrkv.training.resume import read_metadata
+
+        changes = resume_rules(
+            read_metadata(ckpt),
+            ckpt,
+            cfg=cfg,
+            data_hparams=dict(datamodule.hparams),
+            total_steps=total_steps,
+            batch_tokens=batch_tokens,
+        )
 
     module = LanguageModel(
         model=model_cfg.to_dict(),
@@ -201,6 +291,7 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         compile=bool(train_cfg.get("compile", False)),
         activation_checkpointing=bool(train_cfg.get("activation_checkpointing", False)),
         fsdp_param_dtype=fsdp_dtype,
+        batch_tokens=batch_tokens,
     )
     with torch.device("meta"):
         shadow = Transformer(model_cfg)
@@ -220,8 +311,12 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         params=params,
         peak_flops=train_cfg.get("peak_flops"),
         resume=ckpt is not None,
+        progress_bar=bool(train_cfg.get("progress_bar", True)),
     )
+    stop = GracefulStop(checkpoint)
     val_every = int(train_cfg.get("val_every", 0) or 0)
+    has_validation = datamodule.hparams.val_batches != 0
+    step_end = StepEnd(monitor, checkpoint, stop, val_every=val_every, has_validation=has_validation)
     trainer = L.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"),
         devices=trainer_cfg.get("devices", 1),
@@ -231,14 +326,15 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         precision=precision,
         max_steps=total_steps,
         accumulate_grad_batches=accumulate,
-        val_check_interval=val_every * accumulate if val_every else None,
+        # every val_every steps; with val_every=0 only at the end (StepEnd asks for the final validation)
+        val_check_interval=(val_every or total_steps + 1) * accumulate,
         check_val_every_n_epoch=None,
-        limit_val_batches=1.0 if val_every else 0,
+        limit_val_batches=1.0 if has_validation else 0,
         num_sanity_val_steps=0,
         logger=loggers or False,
-        callbacks=[monitor, checkpoint, GracefulStop(checkpoint), *(extra_callbacks or [])],  # log, save, then stop
+        callbacks=[step_end, monitor, checkpoint, stop, *(extra_callbacks or [])],  # the step's order: step.py
         enable_checkpointing=False,
-        enable_progress_bar=bool(train_cfg.get("progress_bar", True)),
+        enable_progress_bar=False,  # ours: one bar of optimizer steps (monitor.StepProgress)
         enable_model_summary=False,
         default_root_dir=str(run_dir),
         deterministic=bool(trainer_cfg.get("deterministic", False)),
@@ -255,6 +351,8 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
             f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
             f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})"
         )
+        if ckpt is not None:
+            print(f"resuming from {ckpt}" + (": " + "; ".join(changes) if changes else " (same settings)"))
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     wall = time.perf_counter() - start
