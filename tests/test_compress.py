@@ -26,7 +26,6 @@ from lrkv.compress import (
     compress_sweep,
     fit_compression,
     layer_weights,
-    load_hf_llama,
     projected_block,
     projected_logits,
     rank_grid,
@@ -34,7 +33,7 @@ from lrkv.compress import (
     threshold_rank,
 )
 from lrkv.data import embedded_documents, encode_documents, pack_documents, train_bpe
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_hf_llama, load_pretrained
 
 ATOL = 1e-4  # fp32 logits are O(1)
 SEQ, N_SEQS, FRACTIONS = 64, 48, [0.25, 0.5, 0.75]
@@ -578,7 +577,7 @@ def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
 
 
 def test_hf_folder_tokenizer_uses_its_eos_token(trained, tmp_path):
-    from lrkv.compress import load_hf_tokenizer
+    from lrkv.io import load_hf_tokenizer
 
     tok = trained[3]
     assert load_hf_tokenizer(tmp_path) is None

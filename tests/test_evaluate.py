@@ -3,7 +3,6 @@
 lm-eval tests live in tests/test_evaluate_lm_eval.py; the tiny trained runs in tests/evaluate_fixtures.py.
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -22,21 +21,11 @@ from lrkv.data import iter_documents
 from lrkv.evaluation.compare import compare_runs, pareto_front, steps_to_target
 from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity, head_maps
 from lrkv.evaluation.footprint import footprint_table
+from lrkv.evaluation.modes import run
 from lrkv.evaluation.sample import decode
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_entry():
-    spec = importlib.util.spec_from_file_location("lrkv_evaluate_entry", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-entry = _load_entry()
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +34,7 @@ def evaluate(out_dir, *overrides):
     """Compose configs/evaluate.yaml with overrides (as on the command line) and run the mode in-process."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("evaluate", overrides=list(overrides))
-    return entry.run(cfg, out_dir, echo=False)
+    return run(cfg, out_dir, echo=False)
 
 
 # ---- loss and bits-per-byte ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_helpers import run_script, tiny_overrides, train_in_process, val_losses
 
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_pretrained
 
 
 @pytest.fixture(scope="module")

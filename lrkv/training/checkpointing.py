@@ -19,8 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lrkv.errors import TrainingInterrupted
-
-LAST = "last.ckpt"
+from lrkv.io.checkpoints import LAST, resolve_last
 
 
 def _tmp_name(path: Path) -> Path:
@@ -66,15 +65,6 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             _publish(tmp, path)
         self.barrier()
-
-
-def resolve_last(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint `last.ckpt` points to, or None when there is none yet."""
-    link = checkpoint_dir / LAST
-    if link.is_symlink():
-        target = link.resolve()
-        return target if target.exists() else None
-    return link if link.exists() else None
 
 
 class PeriodicCheckpoint(L.Callback):

@@ -21,6 +21,9 @@ from lrkv.config import ModelConfig
 from lrkv.data.datamodule import LMDataModule
 from lrkv.data.tokenizer import padded_vocab_size
 from lrkv.errors import CheckpointError, ConfigError
+from lrkv.io.checkpoints import read_metadata, resolve_last
+from lrkv.io.runs import read_metrics
+from lrkv.measure import kv_cache_bytes
 from lrkv.model import Transformer
 from lrkv.training.checkpoint import save_pretrained
 from lrkv.training.checkpointing import (
@@ -28,24 +31,9 @@ from lrkv.training.checkpointing import (
     AtomicModelParallelStrategy,
     GracefulStop,
     PeriodicCheckpoint,
-    resolve_last,
 )
 from lrkv.training.module import LanguageModel
-from lrkv.training.monitor import TrainMonitor, plot_losses, read_metrics, write_summary
-
-
-def measured_kv_bytes_per_token(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
-    """KV-cache bytes per token from a real cache after a prefill (meta device: no memory), checked against the formula."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    cache = model.new_cache(1, 4, dtype=dtype, device="meta")
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long, device="meta"), cache)
-    measured = cache.nbytes_per_token()
-    analytic = cfg.kv_cache_bytes_per_token(dtype)
-    if measured != analytic:
-        raise RuntimeError(f"KV cache of {cfg.name}: measured {measured} B/token != analytic {analytic}")
-    return int(measured)
+from lrkv.training.monitor import TrainMonitor, plot_losses, write_summary
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -146,8 +134,6 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
     """Refuse, in one line, a checkpoint trained with another model shape."""
-    from lrkv.training.resume import read_metadata
-
     saved = (read_metadata(path).get("hyper_parameters") or {}).get("model")
     if not saved:
         return
@@ -205,7 +191,7 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     with torch.device("meta"):
         shadow = Transformer(model_cfg)
     params = shadow.num_params()
-    kv_bytes = measured_kv_bytes_per_token(model_cfg)
+    kv_bytes = kv_cache_bytes(model_cfg).per_token  # measured from a real cache (lrkv/measure.py)
     checkpoint = PeriodicCheckpoint(
         run_dir / "checkpoints",
         every_n_steps=int(train_cfg.get("ckpt_every", 0) or 0),
