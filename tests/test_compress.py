@@ -337,7 +337,8 @@ def test_compress_model_report_and_budget(runs, trained):
         with torch.no_grad():
             source, ours = model.loss(held[:, :-1], held[:, 1:]), compressed.loss(held[:, :-1], held[:, 1:])
         print(
-            f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), ranks k {report['k_ranks']} v {report['v_ranks']}"
+            f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), "
+            f"ranks k {report['k_ranks']} v {report['v_ranks']}"
         )
         assert float(source) <= float(ours) < float(source) + 0.2
         assert report["held_out_loss"]["compressed"] >= report["held_out_loss"]["source"] - 1e-3
@@ -539,7 +540,7 @@ def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger random weights than the 0.02 init, so that attention is far from uniform
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / math.sqrt(p.shape[1]))
     folder = tmp_path_factory.mktemp("llama")
     hf.save_pretrained(folder)

@@ -1,4 +1,5 @@
-"""The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression study."""
+"""The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression
+study."""
 
 import json
 from pathlib import Path

@@ -229,7 +229,8 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel("loss (nats/token); thin: train")
         ax.set_title(f"loss vs {label}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing labelled when no run logged validation and there is no target
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=120)
         plt.close(fig)

@@ -119,8 +119,7 @@ def report_footprint(rows: list[dict], out_dir: str | Path | None = None) -> str
         r = rows[0]
         text = (
             f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} "
-            "(measured on meta-device caches == analytic)\n"
-            + text
+            "(measured on meta-device caches == analytic)\n" + text
         )
     if out_dir is not None:
         out_dir = Path(out_dir)

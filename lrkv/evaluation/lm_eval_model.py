@@ -35,8 +35,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lrkv.errors import ConfigError
-from lrkv.io import load_pretrained, parse_dtype, require_tokenizer
 from lrkv.evaluation.sample import decode
+from lrkv.io import load_pretrained, parse_dtype, require_tokenizer
 
 log = logging.getLogger(__name__)
 

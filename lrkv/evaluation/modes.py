@@ -257,26 +257,28 @@ def _printable(result, fallback: str) -> str:
 @mode
 def export(c: dict, out: Path):
     """A Hugging Face transformers folder of ckpt at export.out (lrkv.export.export_run)."""
-    from lrkv.export import export_run
-
     e = c["export"]
+    ckpt = need_ckpt(c, "export")
     if not e.get("out"):
         raise ConfigError("mode=export needs an output folder: pass out=DIR (export.out=DIR)")
-    result = export_run(need_ckpt(c, "export"), e["out"], overwrite=bool(e["overwrite"]))
+    from lrkv.export import export_run
+
+    result = export_run(ckpt, e["out"], overwrite=bool(e["overwrite"]))
     return result, _printable(result, f"exported {c['ckpt']} to {e['out']}")
 
 
 @mode
 def convert(c: dict, out: Path):
     """ckpt converted to another attention kind (convert.to, e.g. lrkv with convert.rank) at convert.out."""
-    from lrkv.convert import convert_run
-
     v = c["convert"]
+    ckpt = need_ckpt(c, "convert")
     if not v.get("out"):
         raise ConfigError("mode=convert needs an output folder: pass out=DIR (convert.out=DIR)")
     if not v.get("to"):
         raise ConfigError("mode=convert needs a target kind: pass to=lrkv (convert.to=...)")
-    result = convert_run(need_ckpt(c, "convert"), v["out"], to=v["to"], rank=v["rank"], overwrite=bool(v["overwrite"]))
+    from lrkv.convert import convert_run
+
+    result = convert_run(ckpt, v["out"], to=v["to"], rank=v["rank"], overwrite=bool(v["overwrite"]))
     return result, _printable(result, f"converted {c['ckpt']} to {v['to']} in {v['out']}")
 
 
