@@ -80,11 +80,15 @@ def strip_prefix(state: dict) -> dict:
 
 def load_sharded_state(model: Transformer, ckpt: Path) -> dict:
     """Read the model part of an FSDP sharded checkpoint into full tensors, in this single process."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     state = {"state_dict": {PREFIX + k: torch.empty_like(v) for k, v in model.state_dict().items()}}
     try:
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"sharded checkpoint {ckpt} could not be read ({type(e).__name__}); it may be incomplete"
