@@ -26,7 +26,6 @@ from lrkv.io.checkpoints import LAST, find_checkpoint, is_sharded_checkpoint, lo
 from lrkv.io.hf_llama import is_hf_llama_folder
 from lrkv.io.pretrained import Pretrained, find_pretrained_folder, load_pretrained_folder
 
-KINDS = ("pretrained", "checkpoint", "sharded", "hf_llama")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -55,7 +54,7 @@ def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.flo
 
 @dataclass(frozen=True)
 class Found:
-    kind: str  # one of KINDS
+    kind: str  # "pretrained" | "checkpoint" | "sharded" | "hf_llama"
     path: Path  # what will be read: the pretrained folder, the checkpoint file or folder, the HF folder
 
 
