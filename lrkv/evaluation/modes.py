@@ -75,7 +75,7 @@ def loss(c: dict, out: Path):
     """Loss, perplexity and bits-per-byte on the run's validation split, next to the loss training logged there."""
     from lrkv.evaluation.loss import evaluate_checkpoint_loss
     from lrkv.evaluation.report import write_json
-    from lrkv.io import find_run_dir, load_pretrained, logged_val_loss, read_run_config, read_summary
+    from lrkv.io import find_run_dir, load_pretrained, logged_val_loss, read_metrics, read_run_config, read_summary
 
     pretrained = load_pretrained(need_ckpt(c, "loss"), c["device"], c["dtype"])
     run_dir = find_run_dir(c["ckpt"])
@@ -117,7 +117,7 @@ def loss(c: dict, out: Path):
     )
     if logged is not None:
         text += f"\n  training logged val_loss {logged['val_loss']:.4f} at step {logged['step']} (same data)"
-    elif same_data and run_dir is not None:
+    elif same_data and run_dir is not None and any("val_loss" in row for row in read_metrics(run_dir)):
         at = f"step {pretrained.step}" if pretrained.step is not None else "the step of these weights"
         text += f"\n  (training logged no validation loss at {at}; nothing to compare with)"
     return result, text
