@@ -168,6 +168,6 @@ def tiny_runs(base: str) -> dict[str, Path]:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture(scope="session", name="runs")
+def runs_fixture(tmp_path_factory) -> dict[str, Path]:
     return tiny_runs(str(tmp_path_factory.getbasetemp() / "tiny_runs"))

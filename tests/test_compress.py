@@ -26,7 +26,6 @@ from lrkv.compress import (
     compress_sweep,
     fit_compression,
     layer_weights,
-    load_hf_llama,
     projected_block,
     projected_logits,
     rank_grid,
@@ -34,7 +33,7 @@ from lrkv.compress import (
     threshold_rank,
 )
 from lrkv.data import embedded_documents, encode_documents, pack_documents, train_bpe
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_hf_llama, load_pretrained
 
 ATOL = 1e-4  # fp32 logits are O(1)
 SEQ, N_SEQS, FRACTIONS = 64, 48, [0.25, 0.5, 0.75]
@@ -338,7 +337,8 @@ def test_compress_model_report_and_budget(runs, trained):
         with torch.no_grad():
             source, ours = model.loss(held[:, :-1], held[:, 1:]), compressed.loss(held[:, :-1], held[:, 1:])
         print(
-            f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), ranks k {report['k_ranks']} v {report['v_ranks']}"
+            f"{method}: held-out loss {float(ours):.4f} (source {float(source):.4f}), "
+            f"ranks k {report['k_ranks']} v {report['v_ranks']}"
         )
         assert float(source) <= float(ours) < float(source) + 0.2
         assert report["held_out_loss"]["compressed"] >= report["held_out_loss"]["source"] - 1e-3
@@ -540,7 +540,7 @@ def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger random weights than the 0.02 init, so that attention is far from uniform
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / math.sqrt(p.shape[1]))
     folder = tmp_path_factory.mktemp("llama")
     hf.save_pretrained(folder)
@@ -578,7 +578,7 @@ def test_hf_llama_folder_loads_compresses_and_evaluates(llama_dir):
 
 
 def test_hf_folder_tokenizer_uses_its_eos_token(trained, tmp_path):
-    from lrkv.compress import load_hf_tokenizer
+    from lrkv.io import load_hf_tokenizer
 
     tok = trained[3]
     assert load_hf_tokenizer(tmp_path) is None

@@ -3,16 +3,17 @@
 lm-eval tests live in tests/test_evaluate_lm_eval.py; the tiny trained runs in tests/evaluate_fixtures.py.
 """
 
-import importlib.util
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from evaluate_fixtures import DATA_CFG, corpus_spec, runs  # noqa: F401 - runs is a fixture
+from evaluate_fixtures import DATA_CFG, corpus_spec, runs_fixture  # noqa: F401 - the "runs" fixture
 from helpers import random_model, randomize, tiny_config
 from hydra import compose, initialize_config_dir
 
@@ -22,21 +23,12 @@ from lrkv.data import iter_documents
 from lrkv.evaluation.compare import compare_runs, pareto_front, steps_to_target
 from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity
 from lrkv.evaluation.footprint import footprint_table
+from lrkv.evaluation.modes import MODES, prepare, run
 from lrkv.evaluation.sample import decode
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_pretrained, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_entry():
-    spec = importlib.util.spec_from_file_location("lrkv_evaluate_entry", REPO / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-entry = _load_entry()
-
+PRESETS_1B = ["mha_1b", "gqa_1b", "mqa_1b", "mla_1b", "lrkv_1b"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +37,131 @@ def evaluate(out_dir, *overrides):
     """Compose configs/evaluate.yaml with overrides (as on the command line) and run the mode in-process."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("evaluate", overrides=list(overrides))
-    return entry.run(cfg, out_dir, echo=False)
+    return run(cfg, out_dir, echo=False)
+
+
+def parse(command: str) -> tuple[str, dict]:
+    """(mode, plain config) of a command line `python evaluate.py ...`, as Hydra composes it; nothing runs."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=shlex.split(command))
+    return prepare(cfg)
+
+
+# ---- modes and commands ---------------------------------------------------------------------------
+def test_every_mode_is_registered():
+    assert list(MODES) == [
+        "loss",
+        "lm_eval",
+        "footprint",
+        "compare",
+        "diversity",
+        "generate",
+        "compress",
+        "export",
+        "convert",
+    ]
+
+
+# command -> (mode, {"section.key": value}): today's and earlier versions' commands, short forms and nested keys
+COMMANDS = {
+    "ckpt=outputs/runs/NAME": ("loss", {"ckpt": "outputs/runs/NAME", "loss.split": "val"}),
+    "mode=loss ckpt=RUN batch_size=4 loss.max_batches=2": ("loss", {"loss.batch_size": 4, "loss.max_batches": 2}),
+    "ckpt=RUN lm_eval.tasks=[hellaswag,arc_easy,piqa,lambada_openai]": (
+        "lm_eval",
+        {"lm_eval.tasks": ["hellaswag", "arc_easy", "piqa", "lambada_openai"], "lm_eval.batch_size": 8},
+    ),
+    "ckpt=RUN lm_eval.tasks=[my_task] lm_eval.include_path=/tasks": ("lm_eval", {"lm_eval.include_path": "/tasks"}),
+    "mode=lm_eval ckpt=RUN batch_size=2": ("lm_eval", {"lm_eval.batch_size": 2, "lm_eval.tasks": None}),
+    "mode=footprint models=[mha_1b,gqa_1b,mqa_1b,mla_1b,lrkv_1b] context=2048 batch_size=1": (
+        "footprint",
+        {"footprint.models": PRESETS_1B, "footprint.context": 2048, "footprint.batch_size": 1},
+    ),
+    "mode=footprint": ("footprint", {"footprint.models": PRESETS_1B, "footprint.batch_size": 1}),
+    "mode=compare runs=[outputs/multirun/DATE]": ("compare", {"compare.runs": ["outputs/multirun/DATE"]}),
+    "runs=[A,B] compare.target=4.0": ("compare", {"compare.runs": ["A", "B"], "compare.target": 4.0}),
+    "mode=diversity ckpt=RUN": ("diversity", {"ckpt": "RUN", "diversity.runs": []}),
+    "mode=diversity runs=[A,B]": ("diversity", {"diversity.runs": ["A", "B"]}),
+    'ckpt=RUN prompt="The attention" max_new_tokens=64 temperature=0.8': (
+        "generate",
+        {"generate.prompt": "The attention", "generate.max_new_tokens": 64, "generate.temperature": 0.8},
+    ),
+    "ckpt=RUN prompts=[A,B] top_k=20 num_samples=2": (
+        "generate",
+        {"generate.prompts": ["A", "B"], "generate.top_k": 20, "generate.num_samples": 2},
+    ),
+    "mode=generate ckpt=RUN generate.prompt=Hi": ("generate", {"generate.prompt": "Hi"}),
+    "ckpt=RUN compress=stief compress.budget=0.6": ("compress", {"compress.method": "stief", "compress.budget": 0.6}),
+    "ckpt=RUN compress=eigen": ("compress", {"compress.method": "eigen", "compress.budget": None}),
+    "ckpt=RUN compress=stief compress.budgets=[0.5,0.6,0.7,0.8,0.9]": (
+        "compress",
+        {"compress.budgets": [0.5, 0.6, 0.7, 0.8, 0.9]},
+    ),
+    "mode=compress ckpt=RUN compress=stief batch_size=4": ("compress", {"loss.batch_size": 4}),
+    "mode=export ckpt=RUN out=DIR": ("export", {"ckpt": "RUN", "export.out": "DIR", "export.overwrite": False}),
+    "mode=export ckpt=RUN out=DIR overwrite=true": ("export", {"export.overwrite": True}),
+    "mode=convert ckpt=RUN to=lrkv rank=R out=DIR": (
+        "convert",
+        {"convert.to": "lrkv", "convert.rank": "R", "convert.out": "DIR", "convert.overwrite": False},
+    ),
+    "mode=convert ckpt=RUN convert.to=lrkv convert.rank=8 convert.out=DIR": (
+        "convert",
+        {"convert.to": "lrkv", "convert.rank": 8, "convert.out": "DIR"},
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_commands_select_their_mode_and_options(command):
+    mode, expected = COMMANDS[command]
+    name, c = parse(command)
+    assert name == mode
+    for dotted, value in expected.items():
+        node = c
+        for key in dotted.split("."):
+            node = node[key]
+        assert node == value, (command, dotted)
+
+
+def documented_commands() -> list[str]:
+    """Every `python evaluate.py ...` command in README.md, docs/ and configs/ (up to its comment)."""
+    files = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "configs").rglob("*.yaml"))]
+    commands = []
+    for path in files:
+        for line in path.read_text().splitlines():
+            match = re.search(r"python evaluate\.py ((?:[^ `#]| (?! |#|\())+)", line)
+            if match and "=" in match.group(1) and "mode=NAME" not in match.group(1):  # NAME: the synopsis
+                commands.append(re.sub(r"<[^>]*>", "X", match.group(1)).replace("...", "X"))
+    return commands
+
+
+def test_every_documented_command_parses():
+    commands = documented_commands()
+    assert len(commands) >= 15 and "mode=convert ckpt=RUN_DIR to=lrkv rank=R out=DIR" in commands
+    for command in commands:
+        name, c = parse(command)
+        assert name in MODES, command
+        if name == "compress":
+            assert c["compress"]["method"] in ("stief", "eigen")
+
+
+def test_missing_unknown_and_misplaced_options_are_one_line_errors(tmp_path):
+    listing = "loss, lm_eval, footprint, compare, diversity, generate, compress, export, convert"
+    for command, message in [
+        ("", f"nothing to evaluate: choose a mode with mode=NAME, one of {listing}"),
+        ("mode=bogus", f"unknown mode 'bogus'; use mode=NAME with NAME one of {listing}"),
+        ("mode=compare runs=[A] batch_size=2", "batch_size= does not apply to mode=compare"),
+        ("mode=loss ckpt=RUN out=DIR", "out= does not apply to mode=loss (it is an option of mode=export"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse(command)
+        assert message in str(err.value) and "\n" not in str(err.value), command
+    for overrides, message in [
+        (["mode=export", "ckpt=RUN"], "mode=export needs an output folder: pass out=DIR"),
+        (["mode=export", "out=DIR"], "mode=export needs a checkpoint"),
+        (["mode=convert", "ckpt=RUN", "out=DIR"], "mode=convert needs a target kind: pass to=lrkv"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate(tmp_path, *overrides)
 
 
 # ---- loss and bits-per-byte ---------------------------------------------------------------------
@@ -116,8 +232,34 @@ def test_loss_on_other_data_and_split(runs, tmp_path):
         evaluate(tmp_path / "d", f"ckpt={runs['mha']}", "data=local")
 
 
+def test_an_earlier_checkpoint_is_compared_with_the_loss_logged_at_its_step(runs, tmp_path):
+    """The reference is the validation loss logged at the checkpoint's own step, never the run's final one."""
+    import shutil
+
+    from test_io import write_lightning_ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mha"], run)
+    shutil.copy(run / "pretrained" / "tokenizer.json", run / "tokenizer.json")  # as train.py writes it
+    model = load_pretrained(run).model
+    logged = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+    assert 40 in logged and 50 not in logged and logged[40] != logged[160]
+    at_40 = evaluate(
+        tmp_path / "a", f"ckpt={write_lightning_ckpt(run / 'checkpoints' / 'step-00000040.ckpt', model, 40)}"
+    )
+    r = at_40["result"]
+    assert r["step"] == 40 and r["logged_val_loss"] == logged[40] and r["logged_step"] == 40
+    assert "logged_final_val_loss" not in r and f"val_loss {logged[40]:.4f} at step 40 (same data)" in at_40["text"]
+    at_50 = evaluate(
+        tmp_path / "b", f"ckpt={write_lightning_ckpt(run / 'checkpoints' / 'step-00000050.ckpt', model, 50)}"
+    )
+    assert "logged_val_loss" not in at_50["result"] and "logged_final_val_loss" not in at_50["result"]
+    assert "training logged no validation loss at step 50" in at_50["text"]
+    final = evaluate(tmp_path / "c", f"ckpt={run}")  # the exported model: the run's last step
+    assert final["result"]["step"] == 160 and final["result"]["logged_final_val_loss"] == logged[160]
+
+
 # ---- footprint -------------------------------------------------------------------------------------
-PRESETS_1B = ["mha_1b", "gqa_1b", "mqa_1b", "mla_1b", "lrkv_1b"]
 
 
 def test_footprint_mode_matches_analytic(tmp_path):
@@ -210,6 +352,34 @@ def test_compare_mode_writes_table_and_plots(runs, tmp_path):
     listed = evaluate(tmp_path / "list", f"runs=[{runs['lrkv']},{runs['mha']}]", "compare.target=4.0")
     assert listed["mode"] == "compare"
     assert [r["steps_to_target"] for r in listed["result"]["runs"]] == [120, 120]
+
+
+def test_compare_takes_runs_that_logged_no_validation_loss(runs, tmp_path):
+    """A run without validation data: compared on what it has, with a note for each thing left out."""
+    bare = []
+    for name in ("a", "b"):
+        folder = write_fake_run(tmp_path / name, name, "mha", 100, [4.0, 3.5, 3.2, 3.0])
+        rows = [line.split(",") for line in (folder / "metrics.csv").read_text().splitlines()]
+        (folder / "metrics.csv").write_text("\n".join(",".join(r[:3]) for r in rows) + "\n")  # step,tokens,train_loss
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(final_val_loss=None, final_val_bpb=None)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        bare.append(folder)
+    out = evaluate(tmp_path / "out", "mode=compare", f"runs=[{bare[0]},{bare[1]}]")
+    result = out["result"]
+    assert result["target"] is None and all(r["steps_to_target"] is None for r in result["runs"])
+    assert "the baseline a logged no val_loss: steps to target left out" in out["text"]
+    assert "no validation loss logged by a, b" in out["text"]
+    assert (tmp_path / "out" / "loss_vs_steps.png").is_file() and not (tmp_path / "out" / "pareto_kv.png").exists()
+    assert "note: no validation loss logged by a, b" in (tmp_path / "out" / "compare.md").read_text()
+    # with a given target, train loss can still be compared
+    train = evaluate(tmp_path / "train", "mode=compare", f"runs=[{bare[0]}]", "compare.metric=train_loss")
+    assert train["result"]["target"] == pytest.approx(3.1) and train["result"]["runs"][0]["steps_to_target"] == 400
+    # mixed with a run that has validation: the target and the plot come from it, the bare run is noted
+    mixed = evaluate(tmp_path / "mixed", "mode=compare", f"runs=[{runs['mha']},{bare[1]}]")
+    assert mixed["result"]["target"] == json.loads((runs["mha"] / "summary.json").read_text())["final_val_loss"]
+    assert mixed["result"]["runs"][1]["steps_to_target"] is None and "logged by b:" in mixed["text"]
+    assert (tmp_path / "mixed" / "pareto_kv.png").is_file()
 
 
 # ---- head diversity ----------------------------------------------------------------------------------

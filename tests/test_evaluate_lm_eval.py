@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from evaluate_fixtures import runs  # noqa: F401 - fixture
+from evaluate_fixtures import runs_fixture  # noqa: F401 - the "runs" fixture
 from test_evaluate import evaluate
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,7 +25,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import lrkv.evaluation  # noqa: E402,F401 - registers "lrkv"
 from lrkv import LrkvError  # noqa: E402
 from lrkv.evaluation.lm_eval_model import LrkvLM  # noqa: E402
-from lrkv.training.checkpoint import load_pretrained  # noqa: E402
+from lrkv.io import load_pretrained  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "lm_eval"
 TASKS = ["lrkv_tiny_mc", "lrkv_tiny_cloze", "lrkv_tiny_rolling", "lrkv_tiny_gen"]

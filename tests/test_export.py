@@ -18,8 +18,9 @@ from helpers import randomize, tiny_config
 
 from lrkv import ConfigError, LrkvError, ModelConfig, Transformer
 from lrkv.export import export_run
+from lrkv.io import load_pretrained
 from lrkv.rope import apply_rope, rope_cos_sin
-from lrkv.training.checkpoint import load_pretrained, save_pretrained
+from lrkv.training.checkpoint import save_pretrained
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ from train_helpers import (
 )
 
 from lrkv.errors import CheckpointError, ConfigError, LrkvError, TrainingInterrupted
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_pretrained
 from lrkv.training.monitor import COLUMNS
 
 KINDS = ["mha", "gqa", "mqa", "mla", "lrkv"]

@@ -1,4 +1,5 @@
-"""The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression study."""
+"""The pipeline as a user runs it: train.py outputs -> evaluate.py loss / compress / compare, and the compression
+study."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 import torch
 from train_helpers import run_script, tiny_overrides, train_in_process, val_losses
 
-from lrkv.training.checkpoint import load_pretrained
+from lrkv.io import load_pretrained
 
 
 @pytest.fixture(scope="module")

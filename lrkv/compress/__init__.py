@@ -1,6 +1,6 @@
 """Post-training KV-cache compression of full-attention models: EigenAttention and StiefAttention.
 
-A trained MHA/GQA model (ours, or a local Hugging Face Llama folder via `load_hf_llama`) keeps its
+A trained MHA/GQA model (ours, or a local Hugging Face Llama folder via `lrkv.load_pretrained`) keeps its
 weights; each layer's pre-RoPE keys and values are projected onto low-rank orthonormal bases and
 only the projections are cached (docs/design-notes.md §6). The result is an ordinary `lrkv.Transformer` of
 attention kind "compressed_kv" (lrkv/attention/compressed.py), so saving, loading, generation,
@@ -38,7 +38,6 @@ from .api import (
 from .build import build_compressed, projected_logits
 from .calibration import Calibration, calibrate, calibration_batches
 from .eigen import EigenBases, EigenOptions, eigen_bases, threshold_rank, threshold_search
-from .hf_llama import load_hf_llama, load_hf_tokenizer
 from .layer import block_error, check_source, kv_statistics, projected_block
 from .profiles import layer_profile, load_profiles, plot_profiles, save_profiles
 from .stief import LearnedBases, StiefOptions, stief_bases, train_basis
@@ -65,8 +64,6 @@ __all__ = [
     "kv_statistics",
     "layer_profile",
     "layer_weights",
-    "load_hf_llama",
-    "load_hf_tokenizer",
     "load_profiles",
     "plot_profiles",
     "projected_block",

@@ -11,6 +11,11 @@ Steps to target (the paper's "fewer steps to reach the baseline's loss"): the fi
 which a run's loss (validation by default) is <= the target. The default target is the final
 validation loss of the baseline run: `baseline=NAME`, else the first MHA run, else the first run.
 `vs baseline` is that step count divided by the baseline's own.
+
+Runs that logged no validation loss (no validation data, or `train.val_every=0`) are compared on
+what they have: their validation columns stay empty, they are left out of pareto_kv.png (which is not
+written when no run has a validation loss), and without a target the steps-to-target columns stay
+empty; each omission is stated in a note above the table (`result["notes"]`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from lrkv.errors import ConfigError
 from lrkv.evaluation.report import markdown_table, text_table, write_csv, write_json
-from lrkv.evaluation.runs import expand_runs, read_metrics, read_run_config, read_summary
+from lrkv.io.runs import expand_runs, metric_columns, read_metrics, read_run_config, read_summary
 
 COLUMNS = (
     "name",
@@ -80,7 +85,7 @@ def _series(metrics: dict, x: str, y: str) -> tuple[list, list]:
 def load_run(path: Path) -> dict:
     """Everything compare needs from one run folder, with fallbacks when summary.json lacks a field."""
     summary = read_summary(path)
-    metrics = read_metrics(path)
+    metrics = metric_columns(read_metrics(path))
     config = read_run_config(path) or {}
     model_cfg = config.get("model") if isinstance(config.get("model"), dict) else None
     name = summary.get("name") or (model_cfg or {}).get("name")
@@ -150,20 +155,40 @@ def compare_runs(paths, target: float | None = None, baseline: str | None = None
         if seen[run["name"]] > 1:
             run["name"] = f"{run['name']} ({Path(run['path']).name})"
     base = pick_baseline(runs, baseline)
+    notes = []
     if target is None:
         target = base["final_val_loss"] if metric == "val_loss" else _last(base["metrics"].get("train_loss"))
         source = f"final {metric.replace('_', ' ')} of the baseline {base['name']}"
         if target is None:
-            raise ConfigError(f"baseline {base['name']} logged no {metric}; pass compare.target=<loss>")
+            source = None
+            notes.append(
+                f"the baseline {base['name']} logged no {metric}: steps to target left out "
+                "(pass compare.target=<loss> to set one)"
+            )
     else:
         source = "given"
+    missing = [r["name"] for r in runs if r["final_val_loss"] is None]
+    if missing:
+        notes.append(
+            f"no validation loss logged by {', '.join(missing)}: val loss/bpb left empty and "
+            "left out of the loss-vs-KV-bytes plot (train with train.val_every > 0 and validation data)"
+        )
     for run in runs:
-        run["steps_to_target"], run["tokens_to_target"] = steps_to_target(run["metrics"], target, metric)
+        run["steps_to_target"], run["tokens_to_target"] = (
+            steps_to_target(run["metrics"], target, metric) if target is not None else (None, None)
+        )
     base_steps = base["steps_to_target"]
     for run in runs:
         s = run["steps_to_target"]
         run["vs_baseline"] = s / base_steps if s is not None and base_steps else None
-    return {"runs": runs, "target": float(target), "target_source": source, "metric": metric, "baseline": base["name"]}
+    return {
+        "runs": runs,
+        "target": float(target) if target is not None else None,
+        "target_source": source,
+        "metric": metric,
+        "baseline": base["name"],
+        "notes": notes,
+    }
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -198,25 +223,29 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
             xs, ys = _series(run["metrics"], x, "val_loss")
             if xs:
                 ax.plot(xs, ys, color=c, marker="o", ms=3, lw=1.5, label=f"{run['name']} (val)")
-        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:.4f}")
+        if target is not None:
+            ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:.4f}")
         ax.set_xlabel(label)
         ax.set_ylabel("loss (nats/token); thin: train")
         ax.set_title(f"loss vs {label}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing labelled when no run logged validation and there is no target
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=120)
         plt.close(fig)
         files.append(out_dir / fname)
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     pts = [
         (r["kv_bytes_per_token"], r["final_val_loss"], r["name"], i)
         for i, r in enumerate(runs)
         if r["kv_bytes_per_token"] and r["final_val_loss"] is not None
     ]
+    if not pts:  # no run with a validation loss: nothing to put on the loss-vs-KV-bytes plot (a note says so)
+        return files
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     trained = [p for p in pts if not runs[p[3]].get("method")]
-    for n, (cost, loss, name, i) in enumerate(trained):
+    for n, (cost, loss, name, _) in enumerate(trained):
         ax.scatter([cost], [loss], color=colors[n % len(colors)], s=45, zorder=3)
         ax.annotate(name, (cost, loss), textcoords="offset points", xytext=(5, 5), fontsize=8)
     groups: dict[tuple, list] = {}  # compressed models: one line per (source, method), points labelled by KV ratio
@@ -259,16 +288,22 @@ def plot_compare(result: dict, out_dir: Path) -> list[Path]:
 
 def report_compare(result: dict, out_dir: str | Path | None = None) -> str:
     rows = result["runs"]
-    header = (
-        f"target {result['metric']} = {result['target']:.4f} ({result['target_source']}); "
-        f"steps to target = first logged step with {result['metric']} <= target; baseline: {result['baseline']}"
-    )
-    text = header + "\n" + text_table(rows, COLUMNS, FORMATS, HEADERS)
+    if result["target"] is not None:
+        header = (
+            f"target {result['metric']} = {result['target']:.4f} ({result['target_source']}); "
+            f"steps to target = first logged step with {result['metric']} <= target; baseline: {result['baseline']}"
+        )
+    else:
+        header = f"no target {result['metric']}; baseline: {result['baseline']}"
+    notes = [f"note: {n}" for n in result.get("notes", [])]
+    text = "\n".join([header, *notes, text_table(rows, COLUMNS, FORMATS, HEADERS)])
     if out_dir is not None:
         out_dir = Path(out_dir)
-        md = "# Run comparison\n\n" + header + "\n\n" + markdown_table(rows, COLUMNS, FORMATS, HEADERS) + "\n"
-        md += "\n![loss vs steps](loss_vs_steps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs KV bytes](pareto_kv.png)\n"
         out_dir.mkdir(parents=True, exist_ok=True)
+        plots = plot_compare(result, out_dir)
+        md = "# Run comparison\n\n" + header + "\n\n" + "".join(f"- {n}\n" for n in notes)
+        md += ("\n" if notes else "") + markdown_table(rows, COLUMNS, FORMATS, HEADERS) + "\n\n"
+        md += "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
         (out_dir / "compare.md").write_text(md)
         write_csv(out_dir / "compare.csv", rows, COLUMNS + ("path",))
         write_json(
@@ -278,5 +313,4 @@ def report_compare(result: dict, out_dir: str | Path | None = None) -> str:
                 "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in rows],
             },
         )
-        plot_compare(result, out_dir)
     return text

@@ -18,15 +18,13 @@ import torch
 from lrkv.errors import ConfigError
 from lrkv.evaluation.loss import evaluate_checkpoint_loss
 from lrkv.evaluation.report import markdown_table, text_table, write_json
-from lrkv.evaluation.runs import find_run_dir, load_checkpoint, read_run_config, read_summary
-from lrkv.training.checkpoint import Pretrained
+from lrkv.io import Pretrained, find_run_dir, load_pretrained, read_run_config, read_summary
+from lrkv.measure import kv_cache_bytes
 
 
 def kv_bytes(model, dtype=torch.bfloat16) -> int:
     """Measured from a real cache after a prefill on the meta device (equals the analytic formula)."""
-    from lrkv.training.run import measured_kv_bytes_per_token
-
-    return measured_kv_bytes_per_token(model.cfg, dtype)
+    return kv_cache_bytes(model.cfg, dtype).per_token
 
 
 def score(pretrained: Pretrained, data_cfg: dict | None, loss_opts: dict | None = None) -> dict:
@@ -78,7 +76,7 @@ def compress_checkpoint(
     save each compressed model under `out`, and report held-out loss / bpb next to the source model."""
     from lrkv.compress import compress_sweep, fit_compression, save_compressed
 
-    source = load_checkpoint(ckpt, device, "float32")
+    source = load_pretrained(ckpt, device, "float32")
     run_dir = find_run_dir(ckpt)
     run_cfg = read_run_config(run_dir) or {}
     run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None
@@ -115,7 +113,7 @@ def compress_checkpoint(
         folder = save_compressed(model, out / "compressed", report, source.tokenizer)
         folders = [folder]
     for folder in folders:
-        compressed = load_checkpoint(folder, device, "float32")
+        compressed = load_pretrained(folder, device, "float32")
         attn = compressed.model.cfg.attn_options
         name = f"{source_name}-{attn.get('method')}-{attn.get('kv_ratio', 0):.2f}"
         loss = score(compressed, data_cfg, loss_opts)
@@ -166,7 +164,7 @@ def compression_study(
     """Compress the first `source_attention` run at every budget with every method, then one compare
     table and plot of trained and compressed models (validation loss vs KV bytes per token)."""
     from lrkv.evaluation.compare import compare_runs, report_compare
-    from lrkv.evaluation.runs import expand_runs
+    from lrkv.io import expand_runs
 
     runs = expand_runs(run_dirs)
     source = next((r for r in runs if read_summary(r).get("attention") == source_attention), None)

@@ -2,9 +2,10 @@
 
 For every preset the model is built on the meta device (shapes only, no memory), a cache for
 `batch_size` sequences of `context` tokens is allocated on the meta device and filled by a real
-prefill, and the bytes of the cache tensors are summed (`KVCache.nbytes`). The result must equal
-the analytic formula of the attention kind (`ModelConfig.kv_cache_bytes_per_token`, docs/design-notes.md §2);
-a mismatch raises, so a table that prints is a checked table.
+prefill, and the bytes of the cache tensors are summed (`lrkv.measure.kv_cache_bytes`, the one
+measurement that training and compression use too). The result must equal the analytic formula of
+the attention kind (`ModelConfig.kv_cache_bytes_per_token`, docs/design-notes.md §2); a mismatch
+raises, so a table that prints is a checked table.
 
 Columns: parameters (total, non-embedding), KV bytes per token (all layers), KV MiB at
 (context, batch), and the ratio to MHA of the same shape (2·H·d_h per token per layer).
@@ -19,8 +20,8 @@ import torch
 from lrkv.config import ModelConfig, list_presets, load_model_config
 from lrkv.errors import ConfigError
 from lrkv.evaluation.report import markdown_table, text_table, write_csv
-from lrkv.evaluation.runs import parse_dtype
-from lrkv.model import Transformer
+from lrkv.io.load import parse_dtype
+from lrkv.measure import kv_cache_bytes
 
 COLUMNS = (
     "model",
@@ -59,7 +60,7 @@ def resolve_model_config(spec: str | ModelConfig) -> ModelConfig:
         return spec
     path = Path(str(spec)).expanduser()
     if path.exists():
-        from lrkv.training.checkpoint import find_pretrained_folder, read_model_config
+        from lrkv.io import find_pretrained_folder, read_model_config
 
         folder = find_pretrained_folder(path)
         if folder is None:
@@ -75,31 +76,18 @@ def mha_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.n_head * cfg.head_dim * cfg.n_layer * torch.empty((), dtype=dtype).element_size()
 
 
-@torch.no_grad()
 def measure(cfg: ModelConfig, context: int, batch_size: int, dtype: torch.dtype) -> dict:
-    """Build on meta, prefill a real cache of `context` tokens (at most max_seq_len), count its bytes."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    cache = model.new_cache(batch_size, max_len=context, dtype=dtype, device="meta")
-    prefill = min(context, cfg.max_seq_len)
-    model(torch.zeros(batch_size, prefill, dtype=torch.long, device="meta"), cache)
-    per_token = cache.nbytes_per_token()
-    analytic = cfg.kv_cache_bytes_per_token(dtype)
-    if per_token != analytic:
-        raise AssertionError(
-            f"{cfg.name}: measured KV cache {per_token} B/token != analytic {analytic} B/token; "
-            "the attention kind's cache_elements_per_token disagrees with its new_cache"
-        )
-    total = cache.nbytes(filled_only=False)  # allocated for the whole context (all positions, all rows)
-    if total != analytic * context * batch_size:
-        raise AssertionError(f"{cfg.name}: allocated cache {total} B != {analytic} B/token x {context} x {batch_size}")
+    """Build on meta, prefill a real cache of `context` tokens (at most max_seq_len), count its bytes
+    (`lrkv.measure.kv_cache_bytes`, which checks them against the analytic formula)."""
+    kv = kv_cache_bytes(cfg, dtype, context=context, batch_size=batch_size)
+    model, per_token, total = kv.model, kv.per_token, kv.allocated
     return {
         "model": cfg.name,
         "attention": cfg.attention,
         "params": model.num_params(),
         "non_embedding_params": model.num_params(non_embedding=True),
         "kv_bytes_per_token": int(per_token),
-        "analytic_bytes_per_token": int(analytic),
+        "analytic_bytes_per_token": int(cfg.kv_cache_bytes_per_token(dtype)),
         "kv_mib": total / 2**20,
         "ratio_to_mha": per_token / mha_bytes_per_token(cfg, dtype),
         "context": context,
@@ -130,8 +118,8 @@ def report_footprint(rows: list[dict], out_dir: str | Path | None = None) -> str
     if rows:
         r = rows[0]
         text = (
-            f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} (measured on meta-device caches == analytic)\n"
-            + text
+            f"KV cache at context {r['context']}, batch {r['batch_size']}, {r['dtype']} "
+            "(measured on meta-device caches == analytic)\n" + text
         )
     if out_dir is not None:
         out_dir = Path(out_dir)

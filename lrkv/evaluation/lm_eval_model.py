@@ -35,8 +35,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lrkv.errors import ConfigError
-from lrkv.evaluation.runs import load_checkpoint, parse_dtype, require_tokenizer
 from lrkv.evaluation.sample import decode
+from lrkv.io import load_pretrained, parse_dtype, require_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LrkvLM(TemplateLM):
             loaded = source
             loaded.model.to(device=device, dtype=parse_dtype(dtype))
         else:
-            loaded = load_checkpoint(source, device=device, dtype=dtype or "float32")
+            loaded = load_pretrained(source, device=device, dtype=dtype or "float32")
         self.pretrained = loaded
         self.model = loaded.model.eval()
         self.tokenizer = require_tokenizer(loaded, "lm-eval")

@@ -8,7 +8,7 @@ Bytes come from the tokenizer's byte-length table (`lrkv.data.token_byte_lengths
 byte-level BPE every token is a fixed byte string, so B is exactly the byte length of the original
 text and bits-per-byte compares models with different tokenizers. End-of-text tokens (between
 packed documents) are scored like any target and count 0 bytes; this is the same convention as
-the training loop's `val_bpb` (the data loader's per-row "bytes"), so the two agree.
+the training loop's `val_bpb` (both sum with `lrkv.measure.loss_sums`), so the two agree.
 
 The data are the packed windows of the data pipeline: the run's own data config (from its
 `.hydra/config.yaml`) with any overrides, validation split by default, so the result is the
@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lrkv.errors import ConfigError
+from lrkv.measure import loss_sums
 
 CORPUS_FIELDS = (
     "source",
@@ -60,26 +60,22 @@ class LossResult:
 def evaluate_batches(
     model, batches: Iterable[dict], token_bytes: torch.Tensor | None = None, device: str | torch.device | None = None
 ) -> LossResult:
-    """Sum cross-entropy (float64 accumulation) and bytes over batches {"input", "target"[, "bytes"]}.
+    """Sum cross-entropy (float64), targets and bytes over batches {"input", "target"[, "bytes"]}.
 
-    Targets < 0 are ignored. Bytes come from the batch's "bytes" when present (rows' totals from the
-    data loader), else from `token_bytes[target]`.
+    The sums are `lrkv.measure.loss_sums`, the same as training's validation: targets < 0 are ignored;
+    bytes come from the batch's "bytes" when present (rows' totals from the data loader), else from
+    `token_bytes[target]`.
     """
     device = device or next(model.parameters()).device
-    nats, tokens, nbytes, n_batches = 0.0, 0, 0, 0
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    n_batches = 0
     start = time.perf_counter()
     for batch in batches:
-        inputs, targets = batch["input"].to(device), batch["target"].to(device)
-        logits = model(inputs)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
-        valid = targets.flatten() >= 0
-        nats += nll[valid].double().sum().item()
-        tokens += int(valid.sum())
-        if "bytes" in batch and bool((targets >= 0).all()):
-            nbytes += int(batch["bytes"].sum())
-        elif token_bytes is not None:
-            nbytes += int(token_bytes.to(targets.device)[targets[targets >= 0]].sum())
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        total += loss_sums(model, batch, token_bytes)
         n_batches += 1
+    nats, tokens, nbytes = total.tolist()
+    tokens, nbytes = int(tokens), int(nbytes)
     if tokens == 0:
         raise ConfigError("no target tokens to evaluate: the data gave no full window (lower seq_len or add data)")
     loss = nats / tokens
@@ -103,7 +99,7 @@ def flatten_data_config(data_cfg: dict | None) -> dict:
     Keys at the top level win over nested ones; `_target_` and the like are dropped.
     """
     flat: dict = {}
-    for key, value in (data_cfg or {}).items():
+    for value in (data_cfg or {}).values():
         if isinstance(value, dict):
             for sub, v in value.items():
                 if not isinstance(v, dict):
@@ -189,7 +185,7 @@ def evaluate_checkpoint_loss(
 ) -> dict:
     """Loss, perplexity and bits-per-byte of a loaded checkpoint on a held-out split. Returns a flat dict."""
     from lrkv.data import token_byte_lengths
-    from lrkv.evaluation.runs import require_tokenizer
+    from lrkv.io import require_tokenizer
 
     tokenizer = require_tokenizer(pretrained, "bits-per-byte")
     model = pretrained.model

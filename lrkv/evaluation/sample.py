@@ -107,7 +107,7 @@ def generate_text(
     cache_dtype: torch.dtype | None = None,
 ) -> dict:
     """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s."""
-    from lrkv.evaluation.runs import require_tokenizer
+    from lrkv.io import require_tokenizer
 
     tok = require_tokenizer(pretrained, "generation")
     model = pretrained.model

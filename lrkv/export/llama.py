@@ -2,7 +2,7 @@
 
 An MHA/GQA/MQA model whose choices are Llama's — SwiGLU MLP, no QK-norm, no logit soft-cap, RMSNorm with
 weights, no norm after the embedding — is a Llama model. Its weights map one to one (the inverse of
-lrkv/compress/hf_llama.py, which imports such folders back):
+lrkv/io/hf_llama.py, which imports such folders back):
 
     embed -> model.embed_tokens;  attn_norm -> input_layernorm;  mlp_norm -> post_attention_layernorm
     wq/wk/wv/wo -> self_attn.q/k/v/o_proj;  mlp.up = [gate; up] -> mlp.gate_proj, mlp.up_proj;  mlp.down -> down_proj

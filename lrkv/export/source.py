@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lrkv.evaluation.runs import find_run_dir, load_checkpoint, read_metrics, read_summary
+from lrkv.io import find_run_dir, load_pretrained, metric_columns, read_metrics, read_summary
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Source:
 
 def load_source(ckpt: str | Path) -> Source:
     """The model (float32, CPU) and tokenizer of `ckpt`, plus the run's recorded training facts."""
-    pretrained = load_checkpoint(ckpt, device="cpu", dtype=torch.float32)
+    pretrained = load_pretrained(ckpt, device="cpu", dtype=torch.float32)
     return Source(pretrained.model, pretrained.tokenizer, Path(pretrained.path), run_facts(ckpt))
 
 
@@ -33,7 +33,9 @@ def run_facts(ckpt: str | Path) -> dict:
     run_dir = find_run_dir(ckpt)
     if run_dir is None:
         return {}
-    summary, metrics = read_summary(run_dir), read_metrics(run_dir)
+    metrics_file = run_dir / "metrics.csv"
+    metrics = metric_columns(read_metrics(metrics_file)) if metrics_file.exists() else {}
+    summary = read_summary(run_dir)
     facts = {"run_dir": str(run_dir)}
     sources = {"tokens": "tokens", "steps": "step", "final_train_loss": "train_loss"}
     sources.update(final_val_loss="val_loss", final_val_bpb="val_bpb")

@@ -24,8 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lrkv.data.utils import raise_write_error, remove, staged, staging_name
 from lrkv.errors import TrainingInterrupted
-
-LAST = "last.ckpt"
+from lrkv.io.checkpoints import LAST, resolve_last
 log = logging.getLogger("lrkv")
 
 
@@ -78,15 +77,6 @@ def all_finite(trainer, pl_module) -> bool:
     if trainer.world_size > 1:
         finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
     return finite
-
-
-def resolve_last(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint `last.ckpt` points to, or None when there is none yet."""
-    link = checkpoint_dir / LAST
-    if link.is_symlink():
-        target = link.resolve()
-        return target if target.exists() else None
-    return link if link.exists() else None
 
 
 class PeriodicCheckpoint(L.Callback):

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from lrkv.config import ModelConfig
+from lrkv.measure import loss_sums
 from lrkv.model import Transformer, seeded
 from lrkv.training import step
 from lrkv.training.optim import build_optimizer, lr_factor
@@ -126,15 +127,7 @@ class LanguageModel(L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def validation_step(self, batch, batch_idx):
-        targets = batch["target"]
-        nats = self.model.loss(batch["input"], targets, reduction="sum").detach().double()
-        tokens = (targets >= 0).sum().double()
-        nbytes = (
-            self.token_bytes.to(targets.device)[targets.clamp(min=0)].sum().double()
-            if self.token_bytes is not None
-            else tokens * 0
-        )
-        sums = torch.stack([nats, tokens, nbytes])
+        sums = loss_sums(self.model, batch, self.token_bytes).detach()  # [nats, tokens, bytes], lrkv/measure.py
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
     def on_validation_epoch_start(self) -> None:

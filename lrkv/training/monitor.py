@@ -257,15 +257,6 @@ class StepProgress:
         self.bar.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv rows with numbers parsed (empty cells dropped)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in raw.items() if v not in ("", None)})
-    return rows
-
-
 def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     """PNG of train and validation loss vs optimizer steps."""
     import matplotlib

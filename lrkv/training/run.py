@@ -24,6 +24,9 @@ from lrkv.config import ModelConfig
 from lrkv.data.datamodule import LMDataModule
 from lrkv.data.tokenizer import padded_vocab_size
 from lrkv.errors import CheckpointError, ConfigError
+from lrkv.io.checkpoints import read_metadata, resolve_last
+from lrkv.io.runs import read_metrics
+from lrkv.measure import kv_cache_bytes
 from lrkv.model import Transformer
 from lrkv.training.checkpoint import save_pretrained
 from lrkv.training.checkpointing import (
@@ -31,28 +34,12 @@ from lrkv.training.checkpointing import (
     AtomicModelParallelStrategy,
     GracefulStop,
     PeriodicCheckpoint,
-    resolve_last,
 )
 from lrkv.training.lock import RunLock, process_rank
 from lrkv.training.module import LanguageModel
-from lrkv.training.monitor import TrainMonitor, plot_losses, read_metrics, write_summary
+from lrkv.training.monitor import TrainMonitor, plot_losses, write_summary
 from lrkv.training.settings import check_settings, resume_rules, warn_settings, warn_small_tokenizer
 from lrkv.training.step import StepEnd
-
-
-def measured_kv_bytes_per_token(cfg: ModelConfig, dtype=torch.bfloat16) -> int:
-    """KV-cache bytes per token from a real cache after a prefill (meta device: no memory), checked against
-    the formula."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    cache = model.new_cache(1, 4, dtype=dtype, device="meta")
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long, device="meta"), cache)
-    measured = cache.nbytes_per_token()
-    analytic = cfg.kv_cache_bytes_per_token(dtype)
-    if measured != analytic:
-        raise RuntimeError(f"KV cache of {cfg.name}: measured {measured} B/token != analytic {analytic}")
-    return int(measured)
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -158,8 +145,6 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
     """Refuse, in one line, a checkpoint trained with another model shape."""
-    from lrkv.training.resume import read_metadata
-
     saved = (read_metadata(path).get("hyper_parameters") or {}).get("model")
     if not saved:
         return
@@ -272,7 +257,7 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
     changes = []
     if ckpt is not None:
         check_checkpoint_model(ckpt, model_cfg)
-        from lrkv.training.resume import read_metadata
+        from lrkv.io.checkpoints import read_metadata
 
         changes = resume_rules(
             read_metadata(ckpt),
@@ -296,7 +281,7 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
     with torch.device("meta"):
         shadow = Transformer(model_cfg)
     params = shadow.num_params()
-    kv_bytes = measured_kv_bytes_per_token(model_cfg)
+    kv_bytes = kv_cache_bytes(model_cfg).per_token  # measured from a real cache (lrkv/measure.py)
     checkpoint = PeriodicCheckpoint(
         run_dir / "checkpoints",
         every_n_steps=int(train_cfg.get("ckpt_every", 0) or 0),

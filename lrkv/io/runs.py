@@ -1,15 +1,14 @@
-"""Reading what training leaves behind: checkpoints, run folders, their config, metrics and summary.
+"""Reading a training run folder (what `train.py` leaves behind) and multirun folders.
 
-A training run folder (the Hydra output folder of `train.py`):
-
-    RUN_DIR/.hydra/config.yaml   composed training config (model, data, seed, ...)
+    RUN_DIR/config.yaml          the resolved config the run trained with (.hydra/config.yaml: as composed)
     RUN_DIR/pretrained/          model_config.json, model.safetensors, tokenizer.json
     RUN_DIR/checkpoints/         Lightning checkpoints (files, or folders when sharded under FSDP)
     RUN_DIR/metrics.csv          step,tokens,train_loss,val_loss,val_bpb,lr,... (empty cell = not logged)
     RUN_DIR/summary.json         name, model, attention, params, kv_bytes_per_token, final losses, ...
 
-A multirun folder holds numbered run folders 0/, 1/, ... . Every reader here raises a one-line
-`LrkvError` for a missing or unreadable path.
+A multirun folder holds numbered run folders 0/, 1/, ... . Every reader raises a one-line `LrkvError`
+for an unreadable file; a file that is absent reads as empty. `read_metrics` is the one reader of
+metrics.csv (training's summary and plot, evaluation's compare and loss modes).
 """
 
 from __future__ import annotations
@@ -20,82 +19,9 @@ import math
 import re
 from pathlib import Path
 
-import torch
+from lrkv.errors import ConfigError, DataError
 
-from lrkv.errors import CheckpointError, ConfigError, DataError
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
 RUN_MARKERS = ("metrics.csv", "summary.json", "config.yaml", ".hydra/config.yaml")
-
-
-def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    if name is None or name == "":
-        return default
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is unknown; use float32, bfloat16 or float16")
-    return DTYPES[key]
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
-    """`load_pretrained` (pretrained folder, run folder, Lightning .ckpt, sharded FSDP folder or local
-    Hugging Face Llama folder) with one-line errors. Returns `Pretrained(model, tokenizer, path)`; the model is in eval mode."""
-    from lrkv.training.checkpoint import find_pretrained_folder, is_hf_llama_folder, load_pretrained
-
-    if path is None or str(path) == "":
-        raise ConfigError("this mode needs a checkpoint: pass ckpt=RUN_DIR (or a pretrained folder or checkpoint file)")
-    path = Path(str(path)).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint path {path} does not exist; pass a run folder, a pretrained folder or a checkpoint file"
-        )
-    known = find_pretrained_folder(path) or _looks_like_training_checkpoint(path) or is_hf_llama_folder(path)
-    if path.is_dir() and not known:
-        raise CheckpointError(
-            f"{path} holds no model: expected model_config.json + model.safetensors, a pretrained/ folder, "
-            "Lightning checkpoints under checkpoints/, or a Hugging Face Llama folder"
-        )
-    return load_pretrained(path, device=device, dtype=parse_dtype(dtype) if dtype is not None else None)
-
-
-def _looks_like_training_checkpoint(path: Path) -> bool:
-    """A Lightning checkpoint folder (sharded: torch.distributed.checkpoint writes .metadata) or a run
-    folder with checkpoints/."""
-    return (
-        (path / ".metadata").is_file()
-        or (path / "meta.pt").is_file()
-        or (path / "checkpoints").is_dir()
-        or any(path.glob("*.ckpt"))
-    )
-
-
-def require_tokenizer(pretrained, what: str = "this mode"):
-    if pretrained.tokenizer is None:
-        raise CheckpointError(
-            f"{pretrained.path} has no tokenizer.json, which {what} needs; save the model with its tokenizer "
-            "(save_pretrained(model, folder, tokenizer))"
-        )
-    vocab = pretrained.tokenizer.vocab_size
-    if vocab > pretrained.model.cfg.vocab_size:
-        raise CheckpointError(
-            f"{pretrained.path}: tokenizer has {vocab} ids but the model only {pretrained.model.cfg.vocab_size}; "
-            "the tokenizer does not belong to this model"
-        )
-    return pretrained.tokenizer
 
 
 # ---- run folders --------------------------------------------------------------------------------
@@ -177,24 +103,42 @@ def _number(text: str):
     return value
 
 
-def read_metrics(run_dir: Path) -> dict[str, list]:
-    """metrics.csv as columns: {name: [value or None per row]} (empty cell = not logged in that row)."""
-    path = Path(run_dir) / "metrics.csv"
+def read_metrics(path: str | Path) -> list[dict]:
+    """metrics.csv (of a run folder, or the file itself) as rows {column: number}, empty cells left out
+    (a cell is empty when that row did not log it: validation rows carry val_loss/val_bpb). [] when absent."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.csv"
     if not path.is_file():
-        return {}
+        return []
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return {}
-    header = [h.strip() for h in rows[0]]
-    columns: dict[str, list] = {h: [] for h in header}
-    for row in rows[1:]:
-        if not any(cell.strip() for cell in row):
-            continue
-        row = row + [""] * (len(header) - len(row))
-        for name, cell in zip(header, row):
-            columns[name].append(_number(cell))
-    return columns
+        lines = list(csv.reader(f))
+    if not lines:
+        return []
+    header = [h.strip() for h in lines[0]]
+    rows = []
+    for line in lines[1:]:
+        row = {name: _number(cell) for name, cell in zip(header, line) if cell.strip()}
+        if row:
+            rows.append(row)
+    return rows
+
+
+def metric_columns(rows: list[dict]) -> dict[str, list]:
+    """Rows as columns {name: [value or None per row]}, every column as long as the rows."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def logged_val_loss(run_dir: str | Path | None, step: int | None) -> dict | None:
+    """{"step", "val_loss", "val_bpb"} logged at exactly `step` in the run's metrics.csv, or None when the run
+    logged no validation loss at that step (weights of another step must not be compared with it)."""
+    if run_dir is None or step is None:
+        return None
+    for row in reversed(read_metrics(run_dir)):  # a resumed run may repeat a step: the newest row counts
+        if row.get("step") == step and isinstance(row.get("val_loss"), (int, float)):
+            return {"step": step, "val_loss": row["val_loss"], "val_bpb": row.get("val_bpb")}
+    return None
 
 
 def is_run_dir(path: Path) -> bool:

@@ -33,12 +33,25 @@ from lrkv.model import Transformer
 ARCHITECTURES = ("LlamaForCausalLM",)
 
 
+def is_hf_llama_folder(path: Path) -> bool:
+    """A local Hugging Face folder (config.json with `architectures`, safetensors weights)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file() and any(path.glob("*.safetensors"))):
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
 def llama_model_config(hf: dict, name: str) -> ModelConfig:
     """Our ModelConfig for a Llama config.json dict; CheckpointError for what we cannot represent."""
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
     if hf.get("model_type", "llama") != "llama" or not set(archs) <= set(ARCHITECTURES):
         raise CheckpointError(
-            f"{name}: model_type={hf.get('model_type')!r} {archs} is not a Llama causal LM; only LlamaForCausalLM folders convert"
+            f"{name}: model_type={hf.get('model_type')!r} {archs} is not a Llama causal LM; "
+            "only LlamaForCausalLM folders convert"
         )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 | 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
