@@ -22,6 +22,7 @@ from lrkv.data.datamodule import LMDataModule
 from lrkv.data.tokenizer import padded_vocab_size
 from lrkv.errors import CheckpointError, ConfigError
 from lrkv.model import Transformer
+from lrkv.training import plan
 from lrkv.training.checkpoint import save_pretrained
 from lrkv.training.checkpointing import (
     AtomicCheckpointIO,
@@ -165,6 +166,8 @@ def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
 def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, loggers: list | None = None) -> dict:
     run_dir = Path(run_dir)
     train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
+    if train_cfg.get("dry_run"):  # parameters, batch arithmetic, memory plan; no data, no GPU (lrkv/training/plan.py)
+        return plan.dry_run(cfg)
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
     world = world_size_of(trainer_cfg)
@@ -187,6 +190,7 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
         )
 
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
+    plan.warn_if_too_big(cfg, model_cfg)  # one line when the memory plan exceeds train.device_memory_gib
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(run_dir / "tokenizer.json"))  # (atomic) so that intermediate checkpoints can be evaluated
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
