@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from helpers import random_model, tiny_config
+from helpers import KINDS, random_model, tiny_config
 
 from lrkv import ConfigError, Transformer
 from lrkv.training.optim import MuonAdamW, build_optimizer, lr_factor, newton_schulz, param_groups
@@ -184,3 +184,14 @@ def test_owner_muon_on_two_processes_equals_gather_and_single_process(tmp_path):
     projection = result["projections"][0]
     assert projection["ns_flops_per_gpu_gather"] == pytest.approx(6.6e14, rel=0.02)  # 6b3, one step, every rank
     assert 7.5 < projection["reduction"] <= 8.0  # 8 GPUs: each runs about 1/8 of it
+
+
+@pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS] + [("lrkv", {"lrkv_impl": "folded"})])
+def test_every_kind_block_compiles_without_graph_breaks(kind, extra, one_thread):
+    """torch.compile traces a training block of each kind as one graph (dynamo only: cheap, no inductor)."""
+    torch._dynamo.reset()
+    model = random_model(kind, **extra).train()
+    x = torch.randn(2, 16, model.cfg.d_model, requires_grad=True)
+    explanation = torch._dynamo.explain(model.blocks[0])(x, None, torch.arange(16))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
