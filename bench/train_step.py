@@ -55,11 +55,14 @@ OPTIM = dict(
 )
 
 
-def model_for(kind: str, size: str, layers: int | None, seq: int):
+def model_for(kind: str, size: str, layers: int | None, seq: int, width: int | None = None):
     name = "lrkv" if kind == "lrkv_folded" else kind
     overrides = {"max_seq_len": max(seq, 64)}
     if layers:
         overrides["n_layer"] = layers
+    if width:  # same number of heads, head_dim = width / heads
+        heads = load_model_config(f"{name}_{size}").n_head
+        overrides.update(d_model=width, head_dim=width // heads)
     if kind == "lrkv_folded":
         overrides["lrkv_impl"] = "folded"
     return load_model_config(f"{name}_{size}", **overrides)
@@ -187,7 +190,7 @@ def framework_loop(model, x, device, args, peak: float | None) -> tuple[float, f
 
 
 def bench_kind(kind, args, device) -> dict:
-    cfg = model_for(kind, args.size, args.layers, args.seq)
+    cfg = model_for(kind, args.size, args.layers, args.seq, args.width)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     if args.compile:
@@ -231,6 +234,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--width", type=int, default=None, help="override d_model (same heads; head_dim = width / heads)")
     p.add_argument("--rounds", type=int, default=1, help="alternate bare and framework runs, keep each one's best")
     p.add_argument("--no-framework", dest="framework", action="store_false", help="skip the Lightning step")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: by name)")
