@@ -45,7 +45,20 @@ def timed(fn, device: torch.device, warmup: int = 2, iters: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def record(name: str, device: torch.device, rows: list[dict], settings: dict, save: bool) -> dict:
+def timed_loop(fn, device: torch.device, warmup: int = 2, iters: int = 5) -> float:
+    """Mean seconds per call of fn() over `iters` calls run back to back (synchronised at both ends only)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def record(name: str, device: torch.device, rows: list[dict], settings: dict, save: bool, **extra) -> dict:
+    """The result record (extra keys go in as they are); with save, appended to bench/results/<name>.jsonl."""
     result = {
         "benchmark": name,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -53,7 +66,9 @@ def record(name: str, device: torch.device, rows: list[dict], settings: dict, sa
         "torch": torch.__version__,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "settings": settings,
+        "git_commit": git_commit(),
         "rows": rows,
+        **extra,
     }
     if save:
         RESULTS.mkdir(exist_ok=True)
@@ -62,6 +77,21 @@ def record(name: str, device: torch.device, rows: list[dict], settings: dict, sa
             f.write(json.dumps(result) + "\n")
         print(f"appended to {path}")
     return result
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ from it), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

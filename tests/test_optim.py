@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from helpers import random_model, tiny_config
+from helpers import KINDS, random_model, tiny_config
 
 from lrkv import ConfigError, Transformer
 from lrkv.training.optim import MuonAdamW, build_optimizer, lr_factor, newton_schulz, param_groups
@@ -129,3 +129,69 @@ def test_compiled_blocks_match_eager():
     for name in grads:
         torch.testing.assert_close(grads_c[name], grads[name], atol=1e-4, rtol=1e-4)
     assert time.time() - start < 300
+
+
+def test_newton_schulz_flops_match_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lrkv.training.optim import newton_schulz_flops
+
+    for shape in [(24, 40), (40, 24), (3, 16, 8)]:  # wide, tall (transposed), batched
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(torch.randn(shape), steps=5)
+        assert counter.get_total_flops() == newton_schulz_flops(shape, steps=5)
+
+
+def test_owners_balance_newton_schulz_flops_and_shards_follow_torch_chunk():
+    from lrkv.training.optim import assign_owners, newton_schulz_flops, shard_rows
+
+    shapes = [(64, 64)] * 6 + [(256, 64)] * 4 + [(4, 16, 64)] * 3  # attention, MLP, LRKV-like batched matrices
+    owners = assign_owners(shapes, world=4)
+    assert assign_owners(shapes, world=4) == owners  # every rank computes the same assignment
+    loads = [sum(newton_schulz_flops(s) for s, o in zip(shapes, owners) if o == r) for r in range(4)]
+    assert max(loads) - min(loads) <= max(newton_schulz_flops(s) for s in shapes)  # greedy: within one matrix
+    assert sum(loads) == sum(newton_schulz_flops(s) for s in shapes)
+    for rows, world in [(10, 4), (7, 8), (4096, 8), (3, 2)]:
+        expected = [len(c) for c in torch.arange(rows).chunk(world)]
+        assert shard_rows(rows, world) == expected + [0] * (world - len(expected))
+
+
+@pytest.mark.slow
+def test_owner_muon_on_two_processes_equals_gather_and_single_process(tmp_path):
+    """2 gloo processes, FSDP2-sharded lrkv model with uneven shards: owner scheme == gather == one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "result.json"
+    code = (
+        "import json, sys; from bench import muon_dist; "
+        "r = muon_dist.main(['--layers', '1', '--d-model', '75', '--iters', '2', '--project', 'mha_6b3']); "
+        f"open({str(out)!r}, 'w').write(json.dumps(r))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["max_abs_diff_owner_vs_gather"] == 0.0
+    assert result["max_abs_diff_owner_vs_single"] < 1e-6
+    rows = {r["scheme"]: r for r in result["rows"]}
+    assert rows["owner"]["muon_bytes_per_rank"] > 0 and rows["gather"]["muon_bytes_per_rank"] > 0
+    projection = result["projections"][0]
+    assert projection["ns_flops_per_gpu_gather"] == pytest.approx(6.6e14, rel=0.02)  # 6b3, one step, every rank
+    assert 7.5 < projection["reduction"] <= 8.0  # 8 GPUs: each runs about 1/8 of it
+
+
+@pytest.mark.parametrize("kind, extra", [(k, {}) for k in KINDS] + [("lrkv", {"lrkv_impl": "folded"})])
+def test_every_kind_block_compiles_without_graph_breaks(kind, extra, one_thread):
+    """torch.compile traces a training block of each kind as one graph (dynamo only: cheap, no inductor)."""
+    torch._dynamo.reset()
+    model = random_model(kind, **extra).train()
+    x = torch.randn(2, 16, model.cfg.d_model, requires_grad=True)
+    explanation = torch._dynamo.explain(model.blocks[0])(x, None, torch.arange(16))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

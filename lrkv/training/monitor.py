@@ -36,18 +36,39 @@ COLUMNS = [
     "params",
 ]
 
-PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks, FLOP/s
-    "H100": 989e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-}
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets. Matched against
+# torch.cuda.get_device_name() in this order, first match wins, so that the specific variants (PCIe, NVL)
+# come before the family name: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and
+# "NVIDIA H100 NVL" are not.
+PEAK_BF16_FLOPS = [
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100 PCIE", 756e12),
+    ("H100 NVL", 835e12),  # the 94 GB NVL card: 1671 TFLOP/s with sparsity
+    ("H100", 989e12),  # SXM5 (HBM3 / HBM3e)
+    ("H800 PCIE", 756e12),
+    ("H800", 989e12),
+    ("GB200", 2500e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),  # SXM4 and PCIe alike
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU from its CUDA device name, or None when unknown."""
+    upper = name.upper()
+    for key, value in PEAK_BF16_FLOPS:
+        if key in upper:
+            return value
+    return None
 
 
 def device_peak_flops(device: torch.device, configured: float | None = None) -> float | None:
@@ -55,11 +76,16 @@ def device_peak_flops(device: torch.device, configured: float | None = None) -> 
         return float(configured)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: flops_per_token x tokens/s / (peak FLOP/s per device x devices); None without a peak.
+
+    The one formula behind metrics.csv's `mfu` and the benchmarks' (flops_per_token from
+    Transformer.flops_per_token(seq_len)).
+    """
+    return flops_per_token * tokens_per_s / (peak_flops * devices) if peak_flops else None
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -190,7 +216,7 @@ class TrainMonitor(L.Callback):
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": pl_module.last_grad_norm,
             "tokens_per_s": tokens_per_s,
-            "mfu": (self.flops_per_token * tokens_per_s / (self.peak * trainer.world_size)) if self.peak else None,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, self.peak, trainer.world_size),
             "peak_mem_gib": peak_memory_gib(pl_module.device),
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "params": self.params,
@@ -259,8 +285,11 @@ class StepProgress:
 
 def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     """PNG of train and validation loss vs optimizer steps."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a minimal image (e.g. a bare GPU machine): metrics.csv has the numbers
+        print(f"matplotlib is not installed: {path.name} not drawn")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -8,8 +8,15 @@ other.
 Muon (Keller Jordan): momentum, then replace the update by the nearest semi-orthogonal matrix
 (Newton-Schulz iteration on the whole matrix), scaled by sqrt(max(1, rows/cols)). Under FSDP each
 rank holds only a row shard of every matrix, and orthogonalising a shard is a different optimizer
-(docs/design-notes.md §9). Here a sharded (DTensor) update is gathered to the full matrix, orthogonalised, and
-each rank keeps its own rows, so FSDP gives the single-process result (tested).
+(docs/design-notes.md §9). So whole matrices are orthogonalised, without redundant work
+(`muon_dist="owner"`, the default): every matrix has one owner rank (greedy by Newton-Schulz FLOPs,
+`assign_owners`); one all-to-all brings each owner the row shards of its matrices, the owner
+orthogonalises them, and a second all-to-all sends every rank its rows of the results. Each rank
+runs 1/N of the Newton-Schulz FLOPs and receives about 2 (N-1)/N^2 of the matrices' bytes per step,
+instead of all of them (`muon_dist="gather"`: every rank gathers every matrix and orthogonalises it,
+the simple scheme kept for comparison, bench/muon_dist.py). Both give the single-process result
+(tested). Newton-Schulz runs in bfloat16 on CUDA (as the Muon reference does) and float32 on CPU; the
+all-to-alls carry that dtype, so the owner scheme's numbers equal the single-process ones.
 """
 
 from __future__ import annotations
@@ -17,20 +24,26 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lrkv.errors import ConfigError
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """Newton-Schulz compute dtype: bfloat16 on CUDA (the Muon reference), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately orthogonalise the last two dims of g (quintic Newton-Schulz, Muon's coefficients).
 
-    Works on batches (..., m, n). Runs in bfloat16 on CUDA (as Muon does) and float32 elsewhere.
+    Works on batches (..., m, n). Runs in `ns_dtype` (bfloat16 on CUDA, float32 elsewhere).
     """
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(ns_dtype(g.device))
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
@@ -41,14 +54,98 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.mT if transposed else x).to(g.dtype)
 
 
+def newton_schulz_flops(shape, steps: int = 5) -> int:
+    """FLOPs of `newton_schulz` on a (..., m, n) tensor: steps x (4 m^2 n + 2 m^3) per matrix, m = min(m, n)."""
+    *batch, rows, cols = shape
+    m, n = min(rows, cols), max(rows, cols)
+    return math.prod(batch) * steps * (4 * m * m * n + 2 * m**3)
+
+
+def muon_scale(shape) -> float:
+    """Muon's shape scale sqrt(max(1, rows / cols))."""
+    return math.sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
 def muon_update(update: torch.Tensor, steps: int) -> torch.Tensor:
-    """Orthogonalised update with Muon's shape scale; gathers and re-shards a DTensor."""
+    """Orthogonalised update with Muon's shape scale; a DTensor is gathered on this rank and re-sharded."""
     if isinstance(update, DTensor):
         full = newton_schulz(update.full_tensor(), steps)
         ortho = distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
     else:
         ortho = newton_schulz(update, steps)
-    return ortho * math.sqrt(max(1.0, update.shape[-2] / update.shape[-1]))
+    return ortho * muon_scale(update.shape)
+
+
+def assign_owners(shapes, world: int, steps: int = 5) -> list[int]:
+    """Owner rank of each matrix: largest Newton-Schulz cost first, each to the least loaded rank (ties: lowest)."""
+    load = [0] * world
+    owners = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -newton_schulz_flops(shapes[i], steps)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += newton_schulz_flops(shapes[i], steps)
+    return owners
+
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows of dim 0 held by each rank under Shard(0) (torch.chunk: ceil(rows / world) each, the last ones fewer)."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def is_row_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+
+
+def owner_orthogonalise(updates: list[DTensor], steps: int) -> tuple[list[torch.Tensor], int]:
+    """Muon updates of row-sharded matrices (one mesh), each orthogonalised once, on its owner rank.
+
+    Returns this rank's rows of every scaled, orthogonalised update (local tensors) and the bytes this
+    rank received from other ranks. Two all-to-alls: shards to owners, result rows back.
+    """
+    group = updates[0].device_mesh.get_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = [u.to_local() for u in updates]
+    device, dtype = local[0].device, ns_dtype(local[0].device)
+    shapes = [tuple(u.shape) for u in updates]
+    owners = assign_owners(shapes, world, steps)
+    rows = [shard_rows(s[0], world) for s in shapes]
+    inner = [math.prod(s[1:]) for s in shapes]
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    by_owner = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    for i, t in enumerate(local):
+        if t.shape[0] != rows[i][rank]:
+            raise RuntimeError(f"matrix {shapes[i]}: rank {rank} holds {t.shape[0]} rows, expected {rows[i][rank]}")
+
+    # 1. every rank sends each owner its rows of the owner's matrices (matrix order), receives its own matrices' rows
+    send = [local[i].reshape(-1).to(dtype) for r in range(world) for i in by_owner[r]]
+    send_splits = [sum(rows[i][rank] * inner[i] for i in by_owner[r]) for r in range(world)]
+    recv_splits = [sum(rows[i][r] * inner[i] for i in mine) for r in range(world)]
+    recv = _all_to_all(send, send_splits, recv_splits, group, device, dtype)
+    parts = list(torch.split(recv, recv_splits))
+    pieces: dict[int, list[torch.Tensor]] = {i: [] for i in mine}
+    for r in range(world):
+        for i, piece in zip(mine, torch.split(parts[r], [rows[i][r] * inner[i] for i in mine])):
+            pieces[i].append(piece.view(rows[i][r], *shapes[i][1:]))
+
+    # 2. the owner orthogonalises whole matrices and sends every rank its rows of the results
+    ortho = {i: newton_schulz(torch.cat(pieces[i]), steps) for i in mine}
+    back = [ortho[i][sum(rows[i][:r]) : sum(rows[i][: r + 1])].reshape(-1) for r in range(world) for i in mine]
+    result = _all_to_all(back, recv_splits, send_splits, group, device, dtype)
+    out: list[torch.Tensor] = [None] * len(updates)
+    for r, part in enumerate(torch.split(result, send_splits)):
+        for i, piece in zip(by_owner[r], torch.split(part, [rows[i][rank] * inner[i] for i in by_owner[r]])):
+            out[i] = piece.view(local[i].shape).to(local[i].dtype) * muon_scale(shapes[i])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    received = (sum(recv_splits) - recv_splits[rank] + sum(send_splits) - send_splits[rank]) * itemsize
+    return out, received
+
+
+def _all_to_all(chunks, send_splits, recv_splits, group, device, dtype) -> torch.Tensor:
+    send = torch.cat(chunks) if chunks else torch.empty(0, device=device, dtype=dtype)
+    recv = torch.empty(sum(recv_splits), device=device, dtype=dtype)
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    return recv
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -64,7 +161,12 @@ class MuonAdamW(torch.optim.Optimizer):
         betas=(0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        muon_dist: str = "owner",
     ):
+        if muon_dist not in ("owner", "gather"):
+            raise ConfigError(f"muon_dist={muon_dist!r} is unknown; use owner or gather")
+        self.muon_dist = muon_dist
+        self.comm_bytes = 0  # bytes this rank received for Muon in the last step (sharded matrices only)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -83,25 +185,58 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.comm_bytes = 0
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon(p, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                self._muon(params, group)
+            else:
+                for p in params:
                     self._adamw(p, group)
         return loss
 
-    def _muon(self, p, group):
+    def _muon(self, params, group):
+        sharded = []
+        for p in params:
+            update = self._momentum(p, group)
+            if self.muon_dist == "owner" and is_row_sharded(update):
+                sharded.append((p, update))
+                continue
+            if isinstance(update, DTensor):
+                self.comm_bytes += (update.numel() - update.to_local().numel()) * update.element_size()
+            self._apply(p, muon_update(update, group["ns_steps"]), group)
+        meshes = {}
+        for p, update in sharded:  # one owner exchange per device mesh (FSDP: one)
+            meshes.setdefault(id(update.device_mesh), []).append((p, update))
+        for pairs in meshes.values():
+            ortho, received = owner_orthogonalise([u for _, u in pairs], group["ns_steps"])
+            self.comm_bytes += received
+            for (p, update), local in zip(pairs, ortho):
+                self._apply(
+                    p,
+                    DTensor.from_local(
+                        local,
+                        update.device_mesh,
+                        update.placements,
+                        run_check=False,
+                        shape=update.shape,
+                        stride=update.stride(),
+                    ),
+                    group,
+                )
+
+    def _momentum(self, p, group):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
         buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - group["momentum"])
-        update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _apply(p, ortho, group):
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(muon_update(update, group["ns_steps"]), alpha=-group["lr"])
+        p.add_(ortho, alpha=-group["lr"])
 
     def _adamw(self, p, group):
         state = self.state[p]
@@ -180,6 +315,7 @@ def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
         betas=tuple(cfg["betas"]),
         eps=cfg["eps"],
         ns_steps=cfg.get("ns_steps", 5),
+        muon_dist=cfg.get("muon_dist", "owner"),
     )
 
 

@@ -28,6 +28,7 @@ from lrkv.io.checkpoints import read_metadata, resolve_last
 from lrkv.io.runs import read_metrics
 from lrkv.measure import kv_cache_bytes
 from lrkv.model import Transformer
+from lrkv.training import plan
 from lrkv.training.checkpoint import save_pretrained
 from lrkv.training.checkpointing import (
     AtomicCheckpointIO,
@@ -223,6 +224,8 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
 
 def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list | None) -> dict:
     train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
+    if train_cfg.get("dry_run"):  # parameters, batch arithmetic, memory plan; no data, no GPU (lrkv/training/plan.py)
+        return plan.dry_run(cfg)
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
     world = world_size_of(trainer_cfg)
@@ -251,6 +254,7 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
     accumulate, batch_tokens, total_steps = batch_plan(train_cfg, int(datamodule.hparams.batch_size), seq_len, world)
     if process_rank() == 0:
         warn_settings(cfg, total_steps)
+    plan.warn_if_too_big(cfg, model_cfg)  # one line when the memory plan exceeds train.device_memory_gib
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(run_dir / "tokenizer.json"))  # (atomic) so that intermediate checkpoints can be evaluated
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
