@@ -150,3 +150,48 @@ def test_a_hugging_face_llama_folder_converts_exactly_at_full_rank(tmp_path):
         ref = hf(x).logits
         assert ref.std() > 0.5
         torch.testing.assert_close(converted(x), ref, atol=1e-4, rtol=0)
+
+
+# ---- train.init_from -------------------------------------------------------------------------------------
+def init_overrides(tmp_path, source, model="lrkv_tiny", **extra):
+    from train_helpers import tiny_overrides
+
+    fields = {"model.rank": 4} if model == "lrkv_tiny" else {}
+    fields |= {"model.n_layer": 2, "train.init_from": str(source), "train.val_every": 0, **extra}
+    return tiny_overrides(tmp_path / "out", tmp_path / "cache", model=model, steps=2, **fields)
+
+
+@pytest.mark.slow
+def test_init_from_starts_training_at_the_converted_weights(runs, tmp_path):  # noqa: F811
+    import lightning as L
+    from train_helpers import train_in_process
+
+    folder = tmp_path / "converted"
+    convert_run(runs["mha"], folder, rank=4, score=False)
+    expected = load_pretrained(folder).model.state_dict()
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            self.fresh = trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0 and not trainer.optimizers[0].state
+            self.step = trainer.global_step
+
+    capture = Capture()
+    summary = train_in_process(init_overrides(tmp_path, folder), tmp_path / "run", callbacks=[capture])
+    assert capture.step == 0 and capture.fresh  # a fresh optimizer and schedule
+    assert all(torch.equal(capture.state[k], v) for k, v in expected.items())
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert str(folder / "tokenizer.json") in config  # the source's tokenizer
+    assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 2
+
+
+def test_init_from_a_model_of_another_shape_is_a_one_line_error(runs, tmp_path):  # noqa: F811
+    from train_helpers import train_in_process
+
+    folder = tmp_path / "converted"
+    convert_run(runs["mha"], folder, rank=4, score=False)
+    with pytest.raises(LrkvError, match=r"has model.rank=4, this run has 8; set model.rank=4") as err:
+        train_in_process(init_overrides(tmp_path, folder, **{"model.rank": 8}), tmp_path / "run")
+    assert "\n" not in str(err.value)
+    with pytest.raises(LrkvError, match="has model.attention='lrkv', this run has 'mha'"):
+        train_in_process(init_overrides(tmp_path, folder, model="mha_tiny"), tmp_path / "r2")

@@ -161,6 +161,16 @@ def check_checkpoint_model(path: Path, model_cfg: ModelConfig) -> None:
         )
 
 
+def init_source(cfg: dict):
+    """The pretrained model named by train.init_from (weights only: fresh optimizer and schedule), or None."""
+    path = (cfg.get("train") or {}).get("init_from")
+    if not path:
+        return None
+    from lrkv.training.init_from import load_init_source
+
+    return load_init_source(path)
+
+
 # ---- the run --------------------------------------------------------------------------------------
 def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, loggers: list | None = None) -> dict:
     run_dir = Path(run_dir)
@@ -170,6 +180,11 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     world = world_size_of(trainer_cfg)
     strategy, plugins = make_strategy(trainer_cfg, world)  # hardware errors first, before any data work
     precision, fsdp_dtype = resolve_precision(trainer_cfg)
+    init = init_source(cfg)  # train.init_from: the source model (its tokenizer unless tokenizer.path is set)
+    if init is not None and not (cfg.get("tokenizer") or {}).get("path"):
+        from lrkv.training.init_from import tokenizer_path
+
+        cfg = {**cfg, "tokenizer": {**(cfg.get("tokenizer") or {}), "path": tokenizer_path(init)}}
     datamodule = make_datamodule(cfg)
     tokenizer = datamodule.load_tokenizer()
     model_fields = dict(cfg["model"])
@@ -192,6 +207,12 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), run_dir)
     if ckpt is not None:
         check_checkpoint_model(ckpt, model_cfg)
+    if init is not None:
+        from lrkv.training.init_from import InitFrom, check_compatible
+
+        check_compatible(init.model.cfg, model_cfg, str(train_cfg["init_from"]))
+        if ckpt is None:  # resuming: the checkpoint's weights win
+            extra_callbacks = [InitFrom(init.model.state_dict(), str(init.path)), *(extra_callbacks or [])]
 
     module = LanguageModel(
         model=model_cfg.to_dict(),
