@@ -25,7 +25,7 @@ Two fits (`fit=`):
 
     mean_svd   S = mean_h W_h, L_h = the rank-r truncated SVD of W_h - S (one pass).
     als        alternating least squares from mean_svd: S = mean_h (W_h - L_h), L_h = SVD_r(W_h - S),
-               repeated until the relative error stops improving (`als_iters`, `als_tol`). Each step
+               repeated until the relative error stops improving (options `iters`=100, `tol`=1e-4). Each step
                is the exact minimiser of one block with the other fixed, so the error never rises,
                and the first step is mean_svd: als is never worse than mean_svd in this objective.
 
@@ -111,7 +111,7 @@ def fit_mean_svd(weights: torch.Tensor, rank: int) -> Factors:
     return Factors(shared, b, u, iters=1)
 
 
-def fit_als(weights: torch.Tensor, rank: int, iters: int = 100, tol: float = 1e-6) -> Factors:
+def fit_als(weights: torch.Tensor, rank: int, iters: int = 100, tol: float = 1e-4) -> Factors:
     """Alternating least squares from fit_mean_svd: shared = mean_h (W_h - L_h), then L_h = SVD_r(W_h - shared),
     until the relative error improves by less than `tol` (relative) or after `iters` rounds."""
     factors = fit_mean_svd(weights, rank)
