@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from lrkv.data.corpus import CorpusSpec, corpus_key, iter_documents, source_kind
 from lrkv.data.loader import BatchLoader, InMemoryTokens, make_dataloader
+from lrkv.data.mixture import Mixture, is_mixture
 from lrkv.data.shards import load_or_write_shards
 from lrkv.data.stream import StreamLoader, make_stream_dataloader
 from lrkv.data.tokenizer import Tokenizer, load_or_train_bpe, padded_vocab_size, token_byte_lengths
@@ -87,11 +88,18 @@ class LMDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        sources: list | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         if storage not in STORAGES:
             raise ConfigError(f"storage={storage!r} is unknown: use 'memory', 'shards' or 'stream'")
+        self.mixture = None  # data=mixture (lrkv/data/mixture.py): several sources drawn by weight
+        if is_mixture(source, sources):
+            if storage != "memory":
+                raise ConfigError(f"data=mixture supports data.storage=memory only, got {storage!r}")
+            self.mixture = Mixture(sources, val_fraction=val_fraction, split_seed=split_seed)
+            source = "embedded"  # placeholder corpus spec; the mixture's sources are used instead
         self.spec = CorpusSpec(
             source=source,
             name=name,
@@ -143,6 +151,9 @@ class LMDataModule(L.LightningDataModule):
         self.tokenizer = self.load_tokenizer()
         self.token_bytes = token_byte_lengths(self.tokenizer)
         hp = self.hparams
+        if self.mixture is not None:
+            self._setup_mixture()
+            return
         if hp.storage == "stream":
             self.train_loader = StreamLoader(
                 lambda: iter_documents(self.spec, "train"),
@@ -276,13 +287,37 @@ class LMDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.tokenizer != "bpe":
             return Tokenizer.load(hp.tokenizer)
+        mixture = self.mixture
         return load_or_train_bpe(
-            lambda: iter_documents(self.spec, "train"),
+            (lambda: mixture.documents("train")) if mixture else (lambda: iter_documents(self.spec, "train")),
             vocab_size=hp.vocab_size,
             cache_dir=hp.cache_dir,
-            corpus_key=corpus_key(self.spec),
+            corpus_key=mixture.key() if mixture else corpus_key(self.spec),
             max_chars=hp.tokenizer_max_chars,
         )
+
+    def metric_columns(self) -> list[str]:
+        """Extra metrics.csv columns (data=mixture: tokens/<name>, val_loss/<name>, val_bpb/<name>)."""
+        from lrkv.data.mixture import metric_columns
+
+        return metric_columns(self.mixture.names) if self.mixture is not None else []
+
+    def train_metrics(self) -> dict:
+        """Per-log training metrics of the data (data=mixture: tokens drawn per source, all ranks)."""
+        if self.mixture is None or self.train_loader is None:
+            return {}
+        state = self.state_dict()["train"]
+        return {f"tokens/{k}": v for k, v in self.train_loader.tokens_by_source(state).items()}
+
+    def _setup_mixture(self) -> None:
+        hp = self.hparams
+        common = dict(seq_len=hp.seq_len, rank=self.rank, world_size=self.world_size, token_bytes=self.token_bytes)
+        self.train_loader = self.mixture.train_loader(self.tokenizer, batch_size=hp.batch_size, seed=hp.seed, **common)
+        self.val_loader = self.mixture.val_loader(
+            self.tokenizer, batch_size=hp.val_batch_size or hp.batch_size, max_batches=hp.val_batches, **common
+        )
+        if self._train_start is not None:
+            self.train_loader.load_state_dict(self._train_start)
 
     def _token_source(self, split: str, tokenizer: Tokenizer):
         hp = self.hparams

@@ -85,6 +85,7 @@ class LanguageModel(L.LightningModule):
         self.last_loss: float | None = None  # the previous step's mean loss and gradient norm (host)
         self.last_grad_norm: float | None = None
         self._val_sums: torch.Tensor | None = None
+        self._val_by_source: torch.Tensor | None = None  # data=mixture: (sources, 3) sums
 
     # ---- model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -129,9 +130,14 @@ class LanguageModel(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         sums = loss_sums(self.model, batch, self.token_bytes).detach()  # [nats, tokens, bytes], lrkv/measure.py
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        if "source" in batch:  # data=mixture: every validation batch comes from one source (lrkv/data/mixture.py)
+            from lrkv.data.mixture import add_source_sums
+
+            names = self.trainer.datamodule.mixture.names
+            self._val_by_source = add_source_sums(self._val_by_source, len(names), int(batch["source"][0]), sums)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = None
+        self._val_sums = self._val_by_source = None
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums if self._val_sums is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -143,6 +149,16 @@ class LanguageModel(L.LightningModule):
         metrics = {"val_loss": nats / tokens}
         if nbytes > 0:
             metrics["val_bpb"] = nats / (math.log(2) * nbytes)
+        mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)
+        if mixture is not None:  # val_loss/<name>, val_bpb/<name>
+            from lrkv.data.mixture import source_metrics
+
+            by_source = self._val_by_source
+            if by_source is None:
+                by_source = torch.zeros(len(mixture.names), 3, dtype=torch.float64, device=self.device)
+            if self.trainer.world_size > 1:
+                by_source = self.trainer.strategy.reduce(by_source, reduce_op="sum")
+            metrics.update(source_metrics(by_source, mixture.names))
         self.log_dict(metrics, prog_bar=True, logger=False, sync_dist=False, rank_zero_only=False)
         self.val_metrics = metrics
 

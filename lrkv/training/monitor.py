@@ -97,17 +97,17 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsCSV:
     """Append rows to a CSV with fixed columns, flushing every row (a crash keeps what was logged)."""
 
-    def __init__(self, path: Path, resume: bool):
-        self.path = path
+    def __init__(self, path: Path, resume: bool, columns: list[str] | None = None):
+        self.path, self.columns = path, columns or COLUMNS
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not (resume and path.exists())
         self.file = open(path, "w" if new else "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
         if new:
             self.writer.writeheader()
 
     def write(self, row: dict) -> None:
-        self.writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        self.writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         self.file.flush()
 
     def truncate_after(self, step: int) -> None:
@@ -116,7 +116,7 @@ class MetricsCSV:
         with open(self.path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["step"] and int(r["step"]) <= step]
         self.file = open(self.path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
         self.writer.writeheader()
         for r in rows:
             self.writer.writerow(r)
@@ -174,7 +174,9 @@ class TrainMonitor(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.peak = device_peak_flops(pl_module.device, self.configured_peak)
         if trainer.is_global_zero:
-            self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume=self.resume)
+            datamodule = getattr(trainer, "datamodule", None)
+            extra = datamodule.metric_columns() if hasattr(datamodule, "metric_columns") else []
+            self.csv = MetricsCSV(self.run_dir / "metrics.csv", resume=self.resume, columns=COLUMNS + extra)
             if self.resume:
                 self.csv.truncate_after(trainer.global_step)
             if self.show_progress:
@@ -221,6 +223,8 @@ class TrainMonitor(L.Callback):
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "params": self.params,
         }
+        if hasattr(getattr(trainer, "datamodule", None), "train_metrics"):
+            row.update(trainer.datamodule.train_metrics())  # data=mixture: tokens/<name>
         self._emit(trainer, row)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -201,11 +201,23 @@ def configure_console() -> None:
     warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")  # ours, on purpose
 
 
+def init_source(cfg: dict):
+    """The pretrained model named by train.init_from (weights only: fresh optimizer and schedule), or None."""
+    path = (cfg.get("train") or {}).get("init_from")
+    if not path:
+        return None
+    from lrkv.training.init_from import load_init_source
+
+    return load_init_source(path)
+
+
 # ---- the run --------------------------------------------------------------------------------------
 def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, loggers: list | None = None) -> dict:
     """Check the settings, hold the run folder (rank 0), train; see the module docstring."""
     run_dir = Path(run_dir)
     check_settings(cfg)
+    if (cfg.get("train") or {}).get("dry_run"):  # parameters, batch arithmetic, memory plan; no data, no GPU, no lock
+        return plan.dry_run(cfg)
     configure_console()
     lock = RunLock(run_dir) if process_rank() == 0 else None
     if lock is not None:
@@ -224,13 +236,16 @@ def train(cfg: dict, run_dir: str | Path, extra_callbacks: list | None = None, l
 
 def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list | None) -> dict:
     train_cfg, trainer_cfg = dict(cfg["train"]), dict(cfg["trainer"])
-    if train_cfg.get("dry_run"):  # parameters, batch arithmetic, memory plan; no data, no GPU (lrkv/training/plan.py)
-        return plan.dry_run(cfg)
     L.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
 
     world = world_size_of(trainer_cfg)
     strategy, plugins = make_strategy(trainer_cfg, world)  # hardware errors first, before any data work
     precision, fsdp_dtype = resolve_precision(trainer_cfg)
+    init = init_source(cfg)  # train.init_from: the source model (its tokenizer unless tokenizer.path is set)
+    if init is not None and not (cfg.get("tokenizer") or {}).get("path"):
+        from lrkv.training.init_from import tokenizer_path
+
+        cfg = {**cfg, "tokenizer": {**(cfg.get("tokenizer") or {}), "path": tokenizer_path(init)}}
     datamodule = make_datamodule(cfg)
     tokenizer = datamodule.load_tokenizer()
     tok_cfg = cfg.get("tokenizer") or {}
@@ -271,6 +286,12 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
             total_steps=total_steps,
             batch_tokens=batch_tokens,
         )
+    if init is not None:
+        from lrkv.training.init_from import InitFrom, check_compatible
+
+        check_compatible(init.model.cfg, model_cfg, str(train_cfg["init_from"]))
+        if ckpt is None:  # resuming: the checkpoint's weights win
+            extra_callbacks = [InitFrom(init.model.state_dict(), str(init.path)), *(extra_callbacks or [])]
 
     module = LanguageModel(
         model=model_cfg.to_dict(),
