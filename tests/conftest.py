@@ -1,7 +1,10 @@
 """Shared fixtures."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from evaluate_fixtures import tiny_runs
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +14,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny trained MHA and LRKV run folders (tests/evaluate_fixtures.py), built once per session."""
+    return tiny_runs(str(tmp_path_factory.getbasetemp() / "tiny_runs"))

@@ -4,7 +4,7 @@
 160 AdamW steps each on the embedded corpus (pydoc topics) tokenized by a 512-id byte-level BPE,
 and writes run folders in the training side's format (.hydra/config.yaml, pretrained/, metrics.csv,
 summary.json) from the losses really logged. Built once per process (lru_cache), so session
-fixtures in several test modules share it. To be replaced by real `train.py` runs later.
+the `runs` fixture (tests/conftest.py) shares it across modules. To be replaced by real `train.py` runs later.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -167,7 +166,3 @@ def tiny_runs(base: str) -> dict[str, Path]:
     finally:
         torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="session", name="runs")
-def runs_fixture(tmp_path_factory) -> dict[str, Path]:
-    return tiny_runs(str(tmp_path_factory.getbasetemp() / "tiny_runs"))

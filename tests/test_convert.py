@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from evaluate_fixtures import runs  # noqa: F401 - fixture: tiny trained MHA and LRKV run folders
 from helpers import decode_in_chunks, random_model
 
 from lrkv.convert import FITS, convert_model, convert_run, fit_als, fit_mean_svd, head_projections, relative_error

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluate_fixtures import DATA_CFG, corpus_spec, runs_fixture  # noqa: F401 - the "runs" fixture
+from evaluate_fixtures import DATA_CFG, corpus_spec
 from helpers import random_model, randomize, tiny_config
 from hydra import compose, initialize_config_dir
 

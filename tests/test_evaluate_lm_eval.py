@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from evaluate_fixtures import runs_fixture  # noqa: F401 - the "runs" fixture
 from test_evaluate import evaluate
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evaluate_fixtures import runs, tokenizer  # noqa: F401 - runs is a fixture
+from evaluate_fixtures import tokenizer
 from helpers import randomize, tiny_config
 
 from lrkv import ConfigError, LrkvError, ModelConfig, Transformer
