@@ -41,7 +41,8 @@ import torch
 
 from bench import decode, train_step
 from bench.common import device_name, git_commit, pick_device
-from lrkv.training.monitor import device_peak_flops, mfu, read_metrics
+from lrkv.io import read_metrics
+from lrkv.training.monitor import device_peak_flops, mfu
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -62,9 +62,9 @@ TARGETS = ("lrkv",)
 # ---- loading and saving: the project's loader, imported in this one place -------------------------------
 def load_source(path, device: str = "cpu"):
     """`Pretrained(model, tokenizer, path)` of any checkpoint evaluate.py accepts (float32, eval mode)."""
-    from lrkv.evaluation.runs import load_checkpoint  # the loader evaluate.py uses (moving to lrkv.load_pretrained)
+    from lrkv.io import load_pretrained
 
-    return load_checkpoint(path, device, "float32")
+    return load_pretrained(path, device, "float32")
 
 
 def save_folder(model: Transformer, folder: Path, tokenizer) -> Path:
@@ -304,7 +304,7 @@ def convert_run(
 
 def heldout_data(ckpt, overrides: dict | None) -> dict | None:
     """The source run's data config (its validation split) with overrides; None: the embedded corpus."""
-    from lrkv.evaluation.runs import find_run_dir, read_run_config
+    from lrkv.io import find_run_dir, read_run_config
 
     run_cfg = read_run_config(find_run_dir(ckpt)) or {}
     run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None

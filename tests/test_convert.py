@@ -9,7 +9,8 @@ from helpers import decode_in_chunks, random_model
 
 from lrkv.convert import FITS, convert_model, convert_run, fit_als, fit_mean_svd, head_projections, relative_error
 from lrkv.errors import ConfigError, LrkvError
-from lrkv.training.checkpoint import load_pretrained, save_pretrained
+from lrkv.io import load_pretrained
+from lrkv.training.checkpoint import save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOURCES = {"mha": {}, "gqa": {"kv_heads": 2}, "mqa": {}, "lrkv": {"rank": 5}}

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lrkv.data.utils import raise_write_error, remove, staged, staging_name
 from lrkv.errors import TrainingInterrupted
 from lrkv.io.checkpoints import LAST, resolve_last
+
 log = logging.getLogger("lrkv")
 
 

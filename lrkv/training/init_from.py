@@ -27,10 +27,10 @@ IGNORED = ("name", "attn_backend", "lrkv_impl", "residual_init", "max_seq_len")
 
 
 def load_init_source(path):
-    """The source as `Pretrained(model, tokenizer, path)` on the CPU in float32, via evaluate.py's loader."""
-    from lrkv.evaluation.runs import load_checkpoint
+    """The source as `Pretrained(model, tokenizer, path)` on the CPU in float32 (lrkv.io.load_pretrained)."""
+    from lrkv.io import load_pretrained
 
-    return load_checkpoint(str(path), "cpu", "float32")
+    return load_pretrained(str(path), "cpu", "float32")
 
 
 def tokenizer_path(source) -> str:
@@ -76,7 +76,7 @@ class InitFrom(L.Callback):
 
             set_model_state_dict(model, self.state, options=StateDictOptions(full_state_dict=True))
         else:
-            from lrkv.training.checkpoint import load_weights
+            from lrkv.io.pretrained import load_weights
 
             load_weights(model, self.state, Path(self.where))
         self.state = {}  # free the copy
