@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lrkv import ModelConfig, list_presets, load_model_config
-from lrkv.training.run import batch_plan
+from lrkv.training.plan import batch_plan
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REQUIRED = {  # values a group option leaves to the user (???)

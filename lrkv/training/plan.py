@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lrkv.config import ModelConfig
+from lrkv.errors import ConfigError
 from lrkv.model import Transformer
 
 GiB = 2**30
@@ -194,10 +195,41 @@ def optimizer_state_bytes(model: Transformer, optim: dict) -> int:
     return total
 
 
+# ---- batch arithmetic (also used by lrkv.training.run) -------------------------------------------------
+def world_size_of(trainer_cfg: dict) -> int:
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
+    if devices in ("auto", -1, "-1"):
+        devices = (
+            torch.cuda.device_count() if trainer_cfg.get("accelerator") != "cpu" and torch.cuda.is_available() else 1
+        )
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    return int(devices) * nodes
+
+
+def batch_plan(train_cfg: dict, micro_batch: int, seq_len: int, world: int) -> tuple[int, int, int]:
+    """(gradient accumulation, global tokens per optimizer step, optimizer steps)."""
+    micro_tokens = micro_batch * seq_len * world
+    batch_tokens = train_cfg.get("batch_tokens") or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise ConfigError(
+            f"train.batch_tokens={batch_tokens} is not a multiple of data.batch_size x data.seq_len x devices = "
+            f"{micro_batch} x {seq_len} x {world} = {micro_tokens}; "
+            f"set train.batch_tokens to a multiple of {micro_tokens}"
+        )
+    accumulate = batch_tokens // micro_tokens
+    if train_cfg.get("max_tokens"):
+        steps = -(-int(train_cfg["max_tokens"]) // batch_tokens)
+    elif train_cfg.get("max_steps"):
+        steps = int(train_cfg["max_steps"])
+    else:
+        raise ConfigError("set train.max_steps or train.max_tokens (the training budget)")
+    return accumulate, batch_tokens, steps
+
+
 def make_plan(cfg: dict, model_cfg: ModelConfig | None = None) -> Plan:
     """The memory plan of a composed train config (what train.py passes to lrkv.training.run.train)."""
     from lrkv.data.tokenizer import padded_vocab_size
-    from lrkv.training import run
 
     train_cfg, trainer_cfg, data = dict(cfg["train"]), dict(cfg["trainer"]), dict(cfg["data"])
     if model_cfg is None:
@@ -206,10 +238,10 @@ def make_plan(cfg: dict, model_cfg: ModelConfig | None = None) -> Plan:
         if train_cfg.get("vocab_from_tokenizer", True) and tok.get("kind", "bpe") == "bpe" and tok.get("vocab_size"):
             fields["vocab_size"] = padded_vocab_size(int(tok["vocab_size"]))  # the BPE is trained to this size
         model_cfg = ModelConfig.from_dict(fields)
-    world = run.world_size_of(trainer_cfg)
+    world = world_size_of(trainer_cfg)
     strategy = trainer_cfg.get("strategy", "auto")
     micro, seq_len = int(data["batch_size"]), int(data["seq_len"])
-    accumulate, batch_tokens, steps = run.batch_plan(train_cfg, micro, seq_len, world)
+    accumulate, batch_tokens, steps = batch_plan(train_cfg, micro, seq_len, world)
     precision = str(trainer_cfg.get("precision", "auto"))
     if precision == "auto":
         on_gpu = trainer_cfg.get("accelerator", "auto") != "cpu" and torch.cuda.is_available()

@@ -39,6 +39,7 @@ from lrkv.training.checkpointing import (
 from lrkv.training.lock import RunLock, process_rank
 from lrkv.training.module import LanguageModel
 from lrkv.training.monitor import TrainMonitor, plot_losses, write_summary
+from lrkv.training.plan import batch_plan, world_size_of
 from lrkv.training.settings import check_settings, resume_rules, warn_settings, warn_small_tokenizer
 from lrkv.training.step import StepEnd
 
@@ -61,37 +62,6 @@ def make_datamodule(cfg: dict) -> LMDataModule:
         tokenizer_max_chars=tok.get("max_chars"),
         seed=int(cfg["seed"]),
     )
-
-
-def world_size_of(trainer_cfg: dict) -> int:
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
-    if devices in ("auto", -1, "-1"):
-        devices = (
-            torch.cuda.device_count() if trainer_cfg.get("accelerator") != "cpu" and torch.cuda.is_available() else 1
-        )
-    if isinstance(devices, (list, tuple)):
-        devices = len(devices)
-    return int(devices) * nodes
-
-
-def batch_plan(train_cfg: dict, micro_batch: int, seq_len: int, world: int) -> tuple[int, int, int]:
-    """(gradient accumulation, global tokens per optimizer step, optimizer steps)."""
-    micro_tokens = micro_batch * seq_len * world
-    batch_tokens = train_cfg.get("batch_tokens") or micro_tokens
-    if batch_tokens % micro_tokens:
-        raise ConfigError(
-            f"train.batch_tokens={batch_tokens} is not a multiple of data.batch_size x data.seq_len x devices = "
-            f"{micro_batch} x {seq_len} x {world} = {micro_tokens}; "
-            f"set train.batch_tokens to a multiple of {micro_tokens}"
-        )
-    accumulate = batch_tokens // micro_tokens
-    if train_cfg.get("max_tokens"):
-        steps = -(-int(train_cfg["max_tokens"]) // batch_tokens)
-    elif train_cfg.get("max_steps"):
-        steps = int(train_cfg["max_steps"])
-    else:
-        raise ConfigError("set train.max_steps or train.max_tokens (the training budget)")
-    return accumulate, batch_tokens, steps
 
 
 def make_strategy(trainer_cfg: dict, world: int):

@@ -2,7 +2,7 @@
 
 Lightning drives the loop (automatic optimization, gradient accumulation); this module is the one
 place that says what happens in a step and in which order, and performs the parts that are ours.
-With `accumulate` micro-batches per optimizer step (run.batch_plan):
+With `accumulate` micro-batches per optimizer step (plan.batch_plan):
 
 1. **Loss** (`LanguageModel.training_step`, each micro-batch): forward, token-mean cross-entropy;
    the step's loss is summed on the device here (`add_micro_batch_loss`: no host sync). Lightning
