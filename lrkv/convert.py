@@ -59,27 +59,12 @@ SOURCE_KINDS = ("mha", "gqa", "mqa", "lrkv")
 TARGETS = ("lrkv",)
 
 
-# ---- loading and saving: the project's loader, imported in this one place ------------------------------
-def loader():
-    """(load_pretrained, find_run_dir, read_run_config, load_weights) of the project's loader.
-
-    Transitional: loading is moving from lrkv.evaluation.runs / lrkv.training.checkpoint into lrkv.io;
-    once that has landed everywhere, keep the first branch only."""
-    try:
-        from lrkv.io import find_run_dir, load_pretrained, read_run_config
-        from lrkv.io.pretrained import load_weights
-    except ImportError:
-        from lrkv.evaluation.runs import find_run_dir, read_run_config
-        from lrkv.evaluation.runs import load_checkpoint as load_pretrained
-        from lrkv.training.checkpoint import load_weights
-    return load_pretrained, find_run_dir, read_run_config, load_weights
-
-
+# ---- loading and saving: the project's loader, imported in this one place -------------------------------
 def load_source(path, device: str = "cpu"):
     """`Pretrained(model, tokenizer, path)` of any checkpoint evaluate.py accepts (float32, eval mode)."""
-    if path is None or str(path) == "":
-        raise ConfigError("conversion needs ckpt=RUN_DIR (a trained MHA or GQA run, pretrained folder or HF Llama)")
-    return loader()[0](path, device, "float32")
+    from lrkv.evaluation.runs import load_checkpoint  # the loader evaluate.py uses (moving to lrkv.load_pretrained)
+
+    return load_checkpoint(path, device, "float32")
 
 
 def save_folder(model: Transformer, folder: Path, tokenizer) -> Path:
@@ -271,7 +256,7 @@ def convert_run(
         raise ConfigError("conversion needs rank=R (the per-head residual rank, 0 <= R <= head_dim)")
     check_fit(fit)
     if ckpt is None or str(ckpt) == "":
-        load_source(ckpt)  # its one-line error
+        raise ConfigError("conversion needs ckpt=RUN_DIR (a trained MHA or GQA run, pretrained folder or HF Llama)")
     if out is None or str(out) == "":
         raise ConfigError("conversion needs out=DIR (where the converted pretrained folder is written)")
     out = Path(str(out)).expanduser()
@@ -319,7 +304,8 @@ def convert_run(
 
 def heldout_data(ckpt, overrides: dict | None) -> dict | None:
     """The source run's data config (its validation split) with overrides; None: the embedded corpus."""
-    _, find_run_dir, read_run_config, _ = loader()
+    from lrkv.evaluation.runs import find_run_dir, read_run_config
+
     run_cfg = read_run_config(find_run_dir(ckpt)) or {}
     run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None
     return {**(run_data or {}), **(overrides or {})} or None

@@ -5,23 +5,14 @@ import math
 
 import pytest
 import torch
-from evaluate_fixtures import tiny_runs
+from evaluate_fixtures import runs  # noqa: F401 - fixture: tiny trained MHA and LRKV run folders
 from helpers import decode_in_chunks, random_model
 
 from lrkv.convert import FITS, convert_model, convert_run, fit_als, fit_mean_svd, head_projections, relative_error
-from lrkv.convert import load_source as load_pretrained
 from lrkv.errors import ConfigError, LrkvError
-from lrkv.training.checkpoint import save_pretrained
+from lrkv.training.checkpoint import load_pretrained, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    """Tiny trained MHA and LRKV run folders (shared with the evaluation tests' fixture)."""
-    return tiny_runs(str(tmp_path_factory.getbasetemp() / "tiny_runs"))
-
-
 SOURCES = {"mha": {}, "gqa": {"kv_heads": 2}, "mqa": {}, "lrkv": {"rank": 5}}
 
 
@@ -114,7 +105,7 @@ def test_bad_ranks_fits_sources_and_outputs_are_one_line_errors(tmp_path):
         convert_run(tmp_path / "missing", tmp_path / "out2", rank=4)
 
 
-def test_convert_run_writes_a_pretrained_folder_and_scores_both_models(runs, tmp_path):
+def test_convert_run_writes_a_pretrained_folder_and_scores_both_models(runs, tmp_path):  # noqa: F811
     source = runs["mha"]
     full = convert_run(source, tmp_path / "full", rank=16, loss={"max_batches": 2})
     assert full["source_loss"]["loss"] < 5.5  # a trained model (ln 512 = 6.24)
@@ -171,7 +162,7 @@ def init_overrides(tmp_path, source, model="lrkv_tiny", **extra):
 
 
 @pytest.mark.slow
-def test_init_from_starts_training_at_the_converted_weights(runs, tmp_path):
+def test_init_from_starts_training_at_the_converted_weights(runs, tmp_path):  # noqa: F811
     import lightning as L
     from train_helpers import train_in_process
 
@@ -194,7 +185,7 @@ def test_init_from_starts_training_at_the_converted_weights(runs, tmp_path):
     assert math.isfinite(summary["final_train_loss"]) and summary["steps"] == 2
 
 
-def test_init_from_a_model_of_another_shape_is_a_one_line_error(runs, tmp_path):
+def test_init_from_a_model_of_another_shape_is_a_one_line_error(runs, tmp_path):  # noqa: F811
     from train_helpers import train_in_process
 
     folder = tmp_path / "converted"

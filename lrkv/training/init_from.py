@@ -28,9 +28,9 @@ IGNORED = ("name", "attn_backend", "lrkv_impl", "residual_init", "max_seq_len")
 
 def load_init_source(path):
     """The source as `Pretrained(model, tokenizer, path)` on the CPU in float32, via evaluate.py's loader."""
-    from lrkv.convert import load_source  # the project's loader, imported in one place
+    from lrkv.evaluation.runs import load_checkpoint
 
-    return load_source(str(path), "cpu")
+    return load_checkpoint(str(path), "cpu", "float32")
 
 
 def tokenizer_path(source) -> str:
@@ -76,7 +76,7 @@ class InitFrom(L.Callback):
 
             set_model_state_dict(model, self.state, options=StateDictOptions(full_state_dict=True))
         else:
-            from lrkv.convert import loader
+            from lrkv.training.checkpoint import load_weights
 
-            loader()[3](model, self.state, Path(self.where))  # load_weights: one-line errors for another shape
+            load_weights(model, self.state, Path(self.where))
         self.state = {}  # free the copy
