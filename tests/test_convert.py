@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import decode_in_chunks, random_model
 
-from lrkv.convert import FITS, convert_model, convert_run, fit_als, fit_mean_svd, head_projections, relative_error
+from lrkv.convert import FITS, convert_model, fit_als, fit_mean_svd, head_projections, relative_error
 from lrkv.errors import ConfigError, LrkvError
+from lrkv.evaluation.conversion import convert_run
 from lrkv.io import load_pretrained
 from lrkv.training.checkpoint import save_pretrained
 

@@ -8,7 +8,7 @@
     generate   completions through the KV cache, with tokens/s
     compress   post-training KV compression of a trained MHA/GQA model (compress=stief|eigen)
     export     a Hugging Face transformers folder (lrkv.export.export_run)
-    convert    a trained MHA/GQA model converted to another kind, e.g. LRKV (lrkv.convert.convert_run)
+    convert    a trained MHA/GQA model converted to another kind, e.g. LRKV (lrkv.evaluation.conversion.convert_run)
 
 Every mode reads the common keys (ckpt, device, dtype, seed, out_dir, data) and its own section of
 configs/evaluate.yaml (`loss.*`, `lm_eval.*`, `footprint.*`, `compare.*`, `diversity.*`,
@@ -276,9 +276,10 @@ def convert(c: dict, out: Path):
         raise ConfigError("mode=convert needs an output folder: pass out=DIR (convert.out=DIR)")
     if not v.get("to"):
         raise ConfigError("mode=convert needs a target kind: pass to=lrkv (convert.to=...)")
-    from lrkv.convert import convert_run
+    from lrkv.evaluation.conversion import convert_run
 
-    result = convert_run(ckpt, v["out"], to=v["to"], rank=v["rank"], overwrite=bool(v["overwrite"]))
+    loss = {k: x for k, x in (c.get("loss") or {}).items() if x is not None}  # scoring options (loss.*)
+    result = convert_run(ckpt, v["out"], to=v["to"], rank=v["rank"], overwrite=bool(v["overwrite"]), loss=loss)
     return result, _printable(result, f"converted {c['ckpt']} to {v['to']} in {v['out']}")
 
 
