@@ -262,3 +262,24 @@ def test_unknown_task_and_bad_include_path(runs, task_dir, tmp_path):
         )
     with pytest.raises(LrkvError, match="needs a checkpoint"):
         evaluate(tmp_path, "mode=lm_eval", f"lm_eval.include_path={task_dir}", "lm_eval.include_defaults=false")
+
+
+def test_a_suite_expands_to_its_tasks_with_the_same_scores(runs, task_dir, harness_results, tmp_path, monkeypatch):
+    """lm_eval.tasks=[SUITE] runs the suite's tasks (here a local stand-in for [paper]) with the same scores."""
+    from lrkv.evaluation import suites
+
+    monkeypatch.setitem(suites.SUITES, "tiny", list(TASKS))
+    out = evaluate(
+        tmp_path,
+        f"ckpt={runs['lrkv']}",
+        "lm_eval.tasks=[tiny]",
+        f"lm_eval.include_path={task_dir}",
+        "lm_eval.include_defaults=false",
+        "batch_size=2",
+    )
+    scores = json.loads((tmp_path / "lm_eval_scores.json").read_text())
+    assert sorted(scores) == sorted(TASKS)
+    for task in TASKS:
+        for metric, value in scores[task].items():
+            assert value == pytest.approx(harness_results["results"][task][metric], rel=1e-5), (task, metric)
+    assert out["mode"] == "lm_eval"

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import time
 from pathlib import Path
 
 from lrkv.errors import ConfigError, DataError
 from lrkv.evaluation.report import write_json
+
+log = logging.getLogger("lrkv")
 
 
 def _task_list(tasks) -> list[str]:
@@ -69,13 +72,21 @@ def run_lm_eval(
     log_samples: bool = False,
     gen_kwargs: str | dict | None = None,
     prefix_eos: bool = True,
+    confirm_run_unsafe_code: bool = False,
 ) -> dict:
-    """Evaluate a checkpoint (path or loaded Pretrained) on lm-eval tasks; returns lm-eval's results dict."""
+    """Evaluate a checkpoint (path or loaded Pretrained) on lm-eval tasks; returns lm-eval's results dict.
+
+    Suites in `tasks` (e.g. `paper`, lrkv/evaluation/suites.py) expand to their tasks; tasks that run
+    model-written code (HumanEval) need confirm_run_unsafe_code=True.
+    """
     import lm_eval
 
     from lrkv.evaluation.lm_eval_model import LrkvLM
+    from lrkv.evaluation.suites import expand_tasks
 
-    names = _task_list(tasks)
+    names, notes = expand_tasks(_task_list(tasks), confirm_run_unsafe_code=confirm_run_unsafe_code)
+    for note in notes:
+        log.warning(note)
     manager = task_manager(include_path, include_defaults)
     check_tasks(manager, names)
     lm = LrkvLM(
@@ -102,6 +113,7 @@ def run_lm_eval(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
         )
     except ConnectionError as e:
         raise DataError(f"lm-eval could not fetch a dataset ({e}); use cached or local task data") from None
@@ -113,6 +125,8 @@ def run_lm_eval(
         "batch_size": lm.batch_size,
         "max_length": lm.max_length,
         "prefix_eos": lm.prefix_eos,
+        "tasks": names,
+        "notes": notes,
     }
     return results
 

@@ -148,6 +148,7 @@ def lm_eval(c: dict, out: Path):
         log_samples=e["log_samples"],
         gen_kwargs=e["gen_kwargs"],
         prefix_eos=e["prefix_eos"],
+        confirm_run_unsafe_code=bool(e.get("confirm_run_unsafe_code", False)),
     )
     return results, report_lm_eval(results, out)
 

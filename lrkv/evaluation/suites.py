@@ -9,10 +9,9 @@ lm-eval runs only with `confirm_run_unsafe_code=True`: a named task that needs i
 unless the flag is set, and a suite leaves such tasks out with a note (so `[paper]` runs the four
 safe tasks by default and all five with the flag).
 
-Wiring (evaluate.py, owned elsewhere): expand `lm_eval.tasks` with this function before
-`run_lm_eval`, print the notes, and pass `confirm_run_unsafe_code` through to
-`lm_eval.simple_evaluate(..., confirm_run_unsafe_code=...)`; the config flag is
-`lm_eval.confirm_run_unsafe_code: false`.
+`run_lm_eval` (lrkv/evaluation/downstream.py) expands `lm_eval.tasks` with this function, logs the notes,
+records tasks and notes in the results, and passes `lm_eval.confirm_run_unsafe_code` (default false) on
+to `lm_eval.simple_evaluate`.
 """
 
 from __future__ import annotations
