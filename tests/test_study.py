@@ -148,7 +148,8 @@ def test_muon_momentum_warmup_matches_manual_schedule_and_resumes(one_thread):
 
 def test_separate_weight_decay_for_muon_and_adamw_groups():
     model = _tiny_model()
-    groups = {g["name"]: g for g in build_optimizer(model, _optim_cfg(weight_decay=0.1, muon_weight_decay=0.0)).param_groups}
+    opt = build_optimizer(model, _optim_cfg(weight_decay=0.1, muon_weight_decay=0.0))
+    groups = {g["name"]: g for g in opt.param_groups}
     assert (groups["matrix"]["weight_decay"], groups["embed"]["weight_decay"], groups["head"]["weight_decay"]) == (
         0.0,
         0.1,
