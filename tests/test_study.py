@@ -178,7 +178,7 @@ def test_recipe_readings_of_paper_and_study():
     paper = compose_train(["experiment=paper_128m", "tokenizer.path=/models/gpt2"])["optim"]
     assert (paper["weight_decay"], paper["muon_weight_decay"], paper["momentum_warmup_steps"]) == (0.1, 0.1, 300)
     study = compose_train(["experiment=study_small"])["optim"]
-    assert (study["weight_decay"], study["muon_weight_decay"], study["momentum_warmup_steps"]) == (0.0, 0.0, 100)
+    assert (study["weight_decay"], study["muon_weight_decay"], study["momentum_warmup_steps"]) == (0.0, 0.0, 125)
     default = compose_train([])["optim"]
     assert (default["momentum_warmup_steps"], default["muon_weight_decay"]) == (0, None)  # unchanged defaults
 
@@ -198,15 +198,18 @@ def test_study_small_shape_and_budget():
     ranks = compose_train(["experiment=study_small_ranks"])
     assert ranks["train"] == cfg["train"] and ranks["optim"] == cfg["optim"] and ranks["data"] == cfg["data"]
     swept = str(_sweep("study_small_ranks")["model.rank"]).split(",")
-    assert len(swept) >= 3 and "0" in swept  # with lrkv_small's r = 12: >= 4 ranks including 0
-    equal = load_model_config("lrkv_small", rank=28)
-    mha = load_model_config("mha_small")
-    assert equal.kv_cache_bytes_per_token() == mha.kv_cache_bytes_per_token()  # the MHA-cache anchor
-    mqa = load_model_config("mqa_small")
-    assert load_model_config("lrkv_small", rank=0).kv_cache_bytes_per_token() == mqa.kv_cache_bytes_per_token()
-    for kind, ratio in (("gqa", 0.5), ("lrkv", 0.5), ("mqa", 1 / 8)):
-        cfg_k = load_model_config(f"{kind}_small")
-        assert cfg_k.kv_cache_bytes_per_token() == ratio * mha.kv_cache_bytes_per_token()
+    assert len(swept) >= 3 and "0" in swept  # with lrkv_xsmall's r = 6: >= 4 ranks including 0
+    assert "14" in swept and model["head_dim"] * 7 // 8 == 14
+    for size, r_eq in (("xsmall", 14), ("small", 28)):  # the study's shape, and the larger one
+        mha = load_model_config(f"mha_{size}")
+        equal = load_model_config(f"lrkv_{size}", rank=r_eq)
+        assert equal.kv_cache_bytes_per_token() == mha.kv_cache_bytes_per_token()  # the MHA-cache anchor
+        mqa = load_model_config(f"mqa_{size}")
+        zero = load_model_config(f"lrkv_{size}", rank=0)
+        assert zero.kv_cache_bytes_per_token() == mqa.kv_cache_bytes_per_token()  # the MQA anchor
+        for kind, ratio in (("gqa", 0.5), ("lrkv", 0.5), ("mqa", 1 / 8), ("mla", 0.15625)):
+            cfg_k = load_model_config(f"{kind}_{size}")
+            assert cfg_k.n_head == 8 and cfg_k.kv_cache_bytes_per_token() == ratio * mha.kv_cache_bytes_per_token()
 
 
 def test_study_128m_is_the_paper_recipe_at_128m():
@@ -308,7 +311,7 @@ def test_study_without_runs_is_a_clear_error(tmp_path):
 def test_short_study_end_to_end(tmp_path, cache_dir):
     args = [
         "experiment=study_small",
-        "model=mha_small,lrkv_small",
+        "model=mha_xsmall,lrkv_xsmall",
         "seed=0",
         "model.n_layer=1",
         "model.n_head=4",
@@ -335,11 +338,11 @@ def test_short_study_end_to_end(tmp_path, cache_dir):
     report = tmp_path / "study_small" / "report"
     saved = json.loads((report / "study.json").read_text())
     assert sorted((r["kind"], r["rank"], r["seed"], r["steps"], r["tokens"]) for r in saved["records"]) == [
-        ("lrkv", 12, 0, 4, 512),
+        ("lrkv", 6, 0, 4, 512),
         ("mha", None, 0, 4, 512),
     ]
     mha = next(r for r in saved["records"] if r["kind"] == "mha")
     assert saved["target"] == pytest.approx(mha["val_loss"]) and mha["steps_to_mha"] is not None
     assert all(math.isfinite(r["val_loss"]) and r["kv_bytes_per_token"] > 0 for r in saved["records"])
     md = (report / "study.md").read_text()
-    assert "| mha | 1 |" in md and "lrkv r=12" in md and (report / "study-loss.png").exists()
+    assert "| mha | 1 |" in md and "lrkv r=6" in md and (report / "study-loss.png").exists()
