@@ -308,7 +308,8 @@ def test_study_without_runs_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_study_end_to_end(tmp_path, cache_dir):
+def test_short_study_end_to_end(tmp_path):
+    cache_dir = tmp_path / "cache"
     args = [
         "experiment=study_small",
         "model=mha_xsmall,lrkv_xsmall",
