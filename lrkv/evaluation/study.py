@@ -239,7 +239,7 @@ def plot_study(result: dict, out_dir: Path, prefix: str) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[dict]] = {row["variant"]: [] for row in result["rows"]}  # the table's order
     for run in result["runs"]:
         groups.setdefault(run["label"], []).append(run)
     for label, members in groups.items():
