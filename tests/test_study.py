@@ -269,6 +269,10 @@ def test_study_aggregates_over_seeds(tmp_path):
     assert (rows["lrkv r=12"]["steps_to_mha"], rows["lrkv r=12"]["reached_mha"]) == (pytest.approx(70 / 3), 3)
     assert (rows["mha"]["steps_to_mha"], rows["mha"]["reached_mha"]) == (30, 2)
     assert rows["lrkv r=0"]["val_loss_std"] is None and rows["lrkv r=0"]["seeds"] == 1
+    # paired by seed: lrkv - mha = -0.1, -0.15, -0.1; the single-seed r=0 pairs with MHA's seed 0 only
+    assert rows["lrkv r=12"]["diff_vs_mha"] == pytest.approx(-0.35 / 3)
+    assert rows["lrkv r=12"]["diff_vs_mha_std"] == pytest.approx(statistics.stdev([-0.1, -0.15, -0.1]))
+    assert (rows["lrkv r=0"]["diff_vs_mha"], rows["lrkv r=0"]["paired_seeds"]) == (pytest.approx(0.4), 1)
     records = result["records"]
     assert len(records) == 9 and all(
         {"kind", "rank", "seed", "val_loss", "val_bpb", "kv_bytes_per_token", "tokens", "steps"} <= set(r)
@@ -280,7 +284,7 @@ def test_study_aggregates_over_seeds(tmp_path):
     assert anchors["mha"]["within_noise"] and anchors["mha"]["noise"] == pytest.approx(0.1 * math.sqrt(2))
 
     text = report_study(result, tmp_path / "out", "s")
-    assert "3.1000 ± 0.1000" in text and "lrkv r=28 vs mha" in text
+    assert "3.1000 ± 0.1000" in text and "lrkv r=28 vs mha" in text and "-0.1167 ± 0.0289 (n=3)" in text
     for name in ("s.md", "s.json", "s-loss.png", "s-pareto.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "s.json").read_text())

@@ -2,10 +2,11 @@
 
 A variant is one model (preset name, attention kind and the fields that distinguish it: LRKV rank and
 `residual_rope`); its runs differ by `seed` only. For each variant the study reports mean ± sample std over
-seeds of the final validation loss and bits per byte, the steps each seed needed to reach the mean final
-validation loss of the MHA variant (the paper's "fewer steps to the baseline's loss"), KV bytes per token,
-tokens/s and the head diversity of the final weights (effective rank of the per-head W_Q,h W_K,hᵀ maps, % of
-H; docs/design-notes.md §5).
+seeds of the final validation loss and bits per byte, the difference to MHA's run of the same seed (seeds
+share the data order, so paired differences are less noisy than the spread over seeds), the steps each seed
+needed to reach the mean final validation loss of the MHA variant (the paper's "fewer steps to the baseline's
+loss"), KV bytes per token, tokens/s and the head diversity of the final weights (effective rank of the
+per-head W_Q,h W_K,hᵀ maps, % of H; docs/design-notes.md §5).
 
 Sanity anchors (checks that the comparison is wired right, not results): LRKV at rank 0 keeps only the shared
 K/V, MQA's cache, and should land near MQA; LRKV at the rank whose cache equals MHA's (1/H + r/d_h = 1) should
@@ -89,6 +90,7 @@ def study_runs(paths, baseline_kind: str = "mha", diversity: bool = True) -> dic
         groups.setdefault(run["label"], []).append(run)
     base = [r for r in runs if r["variant"]["kind"] == baseline_kind]
     target, _ = mean_std([r["final_val_loss"] for r in base])
+    base_by_seed = {r["seed"]: r["final_val_loss"] for r in base if r["final_val_loss"] is not None}
     rows = []
     for label, members in groups.items():
         for run in members:
@@ -96,6 +98,12 @@ def study_runs(paths, baseline_kind: str = "mha", diversity: bool = True) -> dic
         loss, loss_std = mean_std([r["final_val_loss"] for r in members])
         bpb, bpb_std = mean_std([r["final_val_bpb"] for r in members])
         reached = [r["steps_to_target"] for r in members if r["steps_to_target"] is not None]
+        paired = [
+            r["final_val_loss"] - base_by_seed[r["seed"]]
+            for r in members
+            if r["seed"] in base_by_seed and r["final_val_loss"] is not None
+        ]
+        diff, diff_std = mean_std(paired)
         rows.append(
             {
                 "variant": label,
@@ -108,6 +116,9 @@ def study_runs(paths, baseline_kind: str = "mha", diversity: bool = True) -> dic
                 "params": members[0]["params"],
                 "tokens": members[0]["tokens"],
                 "steps": members[0]["steps"],
+                "diff_vs_mha": diff,
+                "diff_vs_mha_std": diff_std,
+                "paired_seeds": len(paired),
                 "steps_to_mha": statistics.fmean(reached) if reached else None,
                 "reached_mha": len(reached),
                 "tokens_per_s": mean_std([r["tokens_per_s"] for r in members])[0],
@@ -195,12 +206,20 @@ def _pm(mean, std, fmt=".4f") -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}" if std is not None else f"{mean:{fmt}}"
 
 
+def _paired(row: dict) -> str:
+    if row["kind"] == "mha" or row["diff_vs_mha"] is None:
+        return "-"
+    std = "" if row["diff_vs_mha_std"] is None else f" ± {row['diff_vs_mha_std']:.4f}"
+    return f"{row['diff_vs_mha']:+.4f}{std} (n={row['paired_seeds']})"
+
+
 def study_table(result: dict) -> str:
     header = (
         "variant",
         "seeds",
         "val loss (mean ± std)",
         "val bpb (mean ± std)",
+        "Δ loss vs MHA, same seed",
         "KV B/token",
         "params",
         "steps to MHA's loss",
@@ -219,6 +238,7 @@ def study_table(result: dict) -> str:
                         str(r["seeds"]),
                         _pm(r["val_loss"], r["val_loss_std"]),
                         _pm(r["val_bpb"], r["val_bpb_std"]),
+                        _paired(r),
                         f"{r['kv_bytes_per_token']:,}" if r["kv_bytes_per_token"] else "-",
                         f"{r['params']:,}" if r["params"] else "-",
                         steps,
