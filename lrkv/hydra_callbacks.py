@@ -5,6 +5,10 @@
 used by configs/experiment/compress_study.yaml: train every model of the sweep, then compress the
 full-attention run with EigenAttention and StiefAttention at several KV budgets and write one table
 and one loss-vs-KV-bytes plot of trained and compressed models.
+
+    hydra.callbacks.study_report: {_target_: lrkv.hydra_callbacks.StudyReport}
+
+used by configs/experiment/study_*.yaml: aggregate the sweep folder's runs over seeds (lrkv.evaluation.study).
 """
 
 from __future__ import annotations
@@ -49,3 +53,21 @@ class CompressionStudy(Callback):
         )
         print(result["text"])
         print(f"compression study: {out} (compare.md, pareto_kv.png, one folder per compressed model)")
+
+
+class StudyReport(Callback):
+    """After a multirun, aggregate every run of its sweep folder over seeds (lrkv.evaluation.study) into
+    `<sweep dir>/<folder>/`: study.md, study.json and the loss and loss-vs-KV plots. Used by experiment=study_*,
+    whose multiruns share one sweep folder, so the report after the last one covers all of them."""
+
+    def __init__(self, folder: str = "report", prefix: str = "study", baseline_kind: str = "mha"):
+        self.folder, self.prefix, self.baseline_kind = folder, prefix, baseline_kind
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from lrkv.evaluation.study import report_study, study_runs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out = sweep_dir / self.folder
+        text = run_cli(lambda: report_study(study_runs([sweep_dir], self.baseline_kind), out, self.prefix))
+        print(text)
+        print(f"study report: {out}/{self.prefix}.md (+ .json, -loss.png, -pareto.png)")

@@ -187,6 +187,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         self.comm_bytes = 0
         for group in self.param_groups:
+            if group["use_muon"] and group.get("momentum_warmup_steps"):  # saved with the groups: exact resume
+                group["momentum"] = muon_momentum(group["muon_steps"], **_warmup_fields(group))
+                group["muon_steps"] += 1
             params = [p for p in group["params"] if p.grad is not None]
             if group["use_muon"]:
                 self._muon(params, group)
@@ -254,6 +257,19 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
 
 
+def muon_momentum(step: int, *, start: float, final: float, warmup_steps: int) -> float:
+    """Muon momentum at optimizer step `step` (0-based): linear from `start` to `final` over `warmup_steps`
+    steps, then `final` (nanochat: 0.85 -> 0.95 over 300 steps); warmup_steps=0: always `final`."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * final
+
+
+def _warmup_fields(group: dict) -> dict:
+    return dict(
+        start=group["momentum_start"], final=group["momentum_final"], warmup_steps=group["momentum_warmup_steps"]
+    )
+
+
 def param_groups(
     model,
     *,
@@ -264,11 +280,13 @@ def param_groups(
     weight_decay: float,
     muon: bool,
     width_scale: bool,
+    muon_weight_decay: float | None = None,
 ) -> list[dict]:
     """Split the Transformer's parameters: block matrices (Muon or AdamW), embedding, head, vectors.
 
     With `width_scale` the AdamW groups' learning rates are scaled by (d_model / 768)^-0.5 (nanochat).
-    Weight decay applies to matrices only (block matrices, embedding and head), not to norm weights.
+    Weight decay applies to matrices only (block matrices, embedding and head), not to norm weights:
+    `weight_decay` to the AdamW matrices, `muon_weight_decay` to the Muon group (None: `weight_decay`).
     """
     scale = (model.cfg.d_model / 768) ** -0.5 if width_scale else 1.0
     matrices, vectors = [], []
@@ -280,7 +298,7 @@ def param_groups(
             params=matrices,
             lr=matrix_lr * (1.0 if muon else scale),
             use_muon=muon,
-            weight_decay=weight_decay,
+            weight_decay=weight_decay if muon_weight_decay is None or not muon else muon_weight_decay,
             name="matrix",
         ),
         dict(params=list(model.embed.parameters()), lr=embed_lr * scale, weight_decay=weight_decay, name="embed"),
@@ -308,7 +326,17 @@ def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
         weight_decay=cfg["weight_decay"],
         muon=name == "muon",
         width_scale=cfg.get("width_scale", True),
+        muon_weight_decay=cfg.get("muon_weight_decay"),
     )
+    momentum = cfg.get("momentum", 0.95)
+    warmup = cfg.get("momentum_warmup_steps") or 0
+    if warmup < 0:
+        raise ConfigError(f"optim.momentum_warmup_steps={warmup} must be >= 0 (0: no Muon momentum warmup)")
+    for group in groups:
+        if group.get("use_muon"):
+            start = cfg.get("momentum_start", 0.85)
+            group.update(momentum_start=start, momentum_final=momentum, momentum_warmup_steps=warmup, muon_steps=0)
+            group["momentum"] = muon_momentum(0, start=start, final=momentum, warmup_steps=warmup)
     return MuonAdamW(
         groups,
         momentum=cfg.get("momentum", 0.95),
