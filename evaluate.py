@@ -110,7 +110,14 @@ def mode_lm_eval(c: dict, out: Path):
 def mode_footprint(c: dict, out: Path):
     from lrkv.evaluation.footprint import footprint_table, report_footprint
 
-    rows = footprint_table(c["models"], context=c["context"], batch_size=c["batch_size"] or 1, dtype=c["cache_dtype"])
+    rows = footprint_table(
+        c["models"],
+        context=c["context"],
+        batch_size=c["batch_size"] or 1,
+        dtype=c["cache_dtype"],
+        memory_gib=c.get("memory_gib"),
+        hbm_tb_s=c.get("hbm_tb_s", 3.35),
+    )
     return rows, report_footprint(rows, out)
 
 
