@@ -55,6 +55,13 @@ def test_decoupled_lrkv_generation_with_cache_equals_without():
 
 
 # ---- fast exact LRKV decode -----------------------------------------------------------------------
+@pytest.mark.parametrize("options", [dict(norm_affine=True), dict(qk_norm=False), dict(rank=16, n_head=2)])
+def test_exact_lrkv_decode_equals_full_forward_for_norm_variants(options):
+    model, x = random_model("lrkv", seed=8, **options), tokens(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_in_chunks(model, x, [4, 2] + [1] * 14), model(x), atol=ATOL, rtol=0)
+
+
 def test_lrkv_torch_decode_with_bf16_cache_matches_float32_cache_closely():
     model, x = random_model("lrkv", seed=6), tokens(seed=7)
     with torch.no_grad():
@@ -66,13 +73,12 @@ def test_lrkv_torch_decode_with_bf16_cache_matches_float32_cache_closely():
 def test_lrkv_rope_table_is_computed_once_and_grown():
     model = random_model("lrkv")
     attn = model.blocks[0].attn
-    cos, _ = attn.rope_table(10, "cpu")
-    again, _ = attn.rope_table(8, "cpu")
-    assert again.data_ptr() == cos.data_ptr()  # reused, not recomputed
-    longer, _ = attn.rope_table(30, "cpu")
+    table = attn.rope_table(10, "cpu")
+    assert attn.rope_table(8, "cpu").data_ptr() == table.data_ptr()  # reused, not recomputed
+    longer = attn.rope_table(30, "cpu")
     from lrkv.rope import rope_cos_sin
 
-    torch.testing.assert_close(longer, rope_cos_sin(torch.arange(30), attn.head_dim)[0], atol=0, rtol=0)
+    torch.testing.assert_close(longer, torch.cat(rope_cos_sin(torch.arange(30), attn.head_dim), -1), atol=0, rtol=0)
 
 
 # ---- grouped decode without K/V expansion --------------------------------------------------------

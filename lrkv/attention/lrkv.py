@@ -20,9 +20,9 @@ Exact decoding. Values are exact by associativity: sum_t a_t v_h,t = (sum_t a_t 
 (sum_t a_t R_V,h,t) B_V,h^T, so the attended r-dim latent is multiplied by B_V once. Keys are not:
 RoPE is a position-dependent rotation and QK-norm is nonlinear, so q . RoPE_t(norm(k_s + B R_t)) does
 not split into a shared and a low-rank score (the paper's shortcut is a different model). Decoding
-therefore rebuilds each head's keys chunk by chunk (k_s + R_K B_K^T in one batched GEMM, norm, RoPE
-from a table computed once per length) with an online softmax across chunks, never holding the whole
-per-head K and never copying the whole cache to another dtype. `model.decode_backend` picks this
+therefore rebuilds each head's keys chunk by chunk (k_s + R_K B_K^T in one batched GEMM, RoPE from
+a table computed once per length, the norm applied to the scores) with an online softmax across
+chunks, never holding the whole per-head K and never copying the whole cache to another dtype. `model.decode_backend` picks this
 torch path or the fused Triton kernel (lrkv_triton.py, which rebuilds the keys on chip).
 
 Decoupled RoPE (`model.residual_rope=false`, a different model, not the paper's). RoPE and QK-norm act
@@ -46,6 +46,7 @@ from torch import nn
 
 from lrkv.cache import LayerCache
 from lrkv.errors import ConfigError
+from lrkv.norm import RMSNorm
 from lrkv.rope import apply_rope, rope_cos_sin
 
 from . import register
@@ -101,7 +102,7 @@ class LowRankKVAttention(Attention):
         self.bk = nn.Parameter(torch.empty(h, r, dh))
         self.bv = nn.Parameter(torch.empty(h, r, dh))
         self.q_norm, self.k_norm = self.head_norm(), self.head_norm()
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of positions 0..n-1
+        self._rope_table: torch.Tensor | None = None  # [cos | sin] of positions 0..n-1 (decoding)
 
     def reset_parameters(self) -> None:
         """Paper init: shared projections like any linear; U, B small, ||U_h B_h^T|| ~ residual_init ||W_shared||.
@@ -159,16 +160,16 @@ class LowRankKVAttention(Attention):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
         return apply_rope(self.k_norm(k), cos, sin)
 
-    def rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n, d_h/2) float32 of positions 0..n-1, kept between decode steps (grown by doubling)."""
+    def rope_table(self, n: int, device) -> torch.Tensor:
+        """[cos | sin] (n, d_h) float32 of positions 0..n-1, kept between decode steps (grown by doubling)."""
         device, table = torch.device(device), self._rope_table
-        if table is None or table[0].device != device:
+        if table is not None and table.device != device:
             table = None
-        if table is None or table[0].shape[0] < n:
-            size = n if table is None else max(n, 2 * table[0].shape[0])
-            table = rope_cos_sin(torch.arange(size, device=device), self.head_dim, self.cfg.rope_theta)
+        if table is None or table.shape[0] < n:
+            size = n if table is None else max(n, 2 * table.shape[0])
+            table = torch.cat(rope_cos_sin(torch.arange(size, device=device), self.head_dim, self.cfg.rope_theta), -1)
             self._rope_table = table
-        return table[0][:n], table[1][:n]
+        return table[:n]
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, cache=None, positions=None):
@@ -214,21 +215,23 @@ class LowRankKVAttention(Attention):
     def attend_cached(self, q, kv):
         """Exact attention of q (B, Tq, H, d_h) over a cache of shared K/V and latents, chunk by chunk.
 
-        Per chunk of C cached positions: keys k_s + R_K B_K^T for all heads in one batched GEMM, QK-norm,
-        RoPE from the shared table, scores (B, H, Tq, C). Online softmax (running max m, normaliser l) in
-        float32. The value side reads the cache once per chunk as (B, C, d_h) and (B, C, H r) matrices:
-        the attended shared values p v_s, and the attended latents of every head against every head's
-        probabilities (an H-fold larger but copy-free GEMM) of which the diagonal blocks are kept; B_V is
-        applied once at the end. Each chunk is cast to float32 on its own (no whole-cache copy).
+        Per chunk of C cached positions: the raw keys y = k_s + R_K B_K^T of all heads in one batched GEMM,
+        RoPE from the table kept between steps, scores (B, H, Tq, C). QK-norm without a weight is a
+        per-key scalar, applied to the scores: q . RoPE(y / rms(y)) = (q . RoPE(y)) / rms(y). Online
+        softmax (running max m, normaliser l) in float32. The value side reads the cache in place as
+        (B, C, d_h) and (B, C, H r) matrices: the attended shared values p v_s, and the attended latents
+        of every head against every head's probabilities (an H-fold larger but copy-free GEMM) of which
+        the diagonal blocks are kept; B_V is applied once at the end. Each chunk is cast to float32 on its
+        own (no whole-cache copy).
         """
         k_s, v_s, r_k, r_v = (kv[name] for name in ("k_s", "v_s", "r_k", "r_v"))
         b, tq, h, dh = q.shape
-        tk, r = k_s.shape[1], self.rank
+        tk, r, half = k_s.shape[1], self.rank, dh // 2
         dt = torch.promote_types(q.dtype, torch.float32)
         qf = q.to(dt).transpose(1, 2) * (1.0 / math.sqrt(dh))  # (B, H, Tq, d_h), scale folded in
         bk, bv = self.bk.to(dt), self.bv.to(dt)
-        cos, sin = self.rope_table(tk, q.device)
-        half = dh // 2
+        table = self.rope_table(tk, q.device)
+        scalar_norm = isinstance(self.k_norm, RMSNorm) and self.k_norm.weight is None
         opts = dict(device=q.device, dtype=dt)
         m = torch.full((b, h, tq, 1), float("-inf"), **opts)
         l = torch.zeros(b, h, tq, 1, **opts)
@@ -237,25 +240,31 @@ class LowRankKVAttention(Attention):
         mask = causal_mask(tq, tk, q.device) if tq > 1 else None
         for start in range(0, tk, self.decode_chunk):
             end = min(start + self.decode_chunk, tk)
+            c = end - start
             rk = r_k[:, start:end].to(dt).permute(0, 2, 1, 3)  # (B, H, C, r)
-            k = torch.matmul(rk, bk).add_(k_s[:, None, start:end].to(dt))  # (B, H, C, d_h)
-            k = self.k_norm(k)
-            c, s_ = cos[start:end].to(dt), sin[start:end].to(dt)
+            k = torch.matmul(rk, bk).add_(k_s[:, None, start:end].to(dt))  # raw keys (B, H, C, d_h)
+            if scalar_norm:
+                inv = torch.rsqrt(torch.linalg.vecdot(k, k) / dh + self.k_norm.eps)  # (B, H, C)
+            else:
+                k = self.k_norm(k)
+            cos, sin = table[start:end, :half].to(dt), table[start:end, half:].to(dt)
             k1, k2 = k[..., :half], k[..., half:]
             rot = torch.empty_like(k)
-            torch.mul(k1, c, out=rot[..., :half]).addcmul_(k2, s_, value=-1)
-            torch.mul(k2, c, out=rot[..., half:]).addcmul_(k1, s_)
+            torch.mul(k1, cos, out=rot[..., :half]).addcmul_(k2, sin, value=-1)
+            torch.mul(k2, cos, out=rot[..., half:]).addcmul_(k1, sin)
             s = torch.matmul(qf, rot.transpose(-1, -2))  # (B, H, Tq, C)
+            if scalar_norm:
+                s = s * inv[:, :, None, :]
             if mask is not None:
                 s = s.masked_fill(~mask[:, start:end], float("-inf"))
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             p, alpha = torch.exp(s - m_new), torch.exp(m - m_new)
             l = l * alpha + p.sum(-1, keepdim=True)
-            p = p.reshape(b, h * tq, end - start)
+            p = p.reshape(b, h * tq, c)
             alpha = alpha.reshape(b, h * tq, 1)
             acc_s = torch.baddbmm(acc_s * alpha, p, v_s[:, start:end].to(dt))
             if r:
-                acc_r = torch.baddbmm(acc_r * alpha, p, r_v[:, start:end].to(dt).reshape(b, end - start, h * r))
+                acc_r = torch.baddbmm(acc_r * alpha, p, r_v[:, start:end].to(dt).reshape(b, c, h * r))
             m = m_new
         out = acc_s.view(b, h, tq, dh) + own_head_latents(acc_r, h, tq, r) @ bv
         return (out / l).transpose(1, 2).to(q.dtype)
