@@ -22,8 +22,9 @@ RoPE is a position-dependent rotation and QK-norm is nonlinear, so q . RoPE_t(no
 not split into a shared and a low-rank score (the paper's shortcut is a different model). Decoding
 therefore rebuilds each head's keys chunk by chunk (k_s + R_K B_K^T in one batched GEMM, RoPE from
 a table computed once per length, the norm applied to the scores) with an online softmax across
-chunks, never holding the whole per-head K and never copying the whole cache to another dtype. `model.decode_backend` picks this
-torch path or the fused Triton kernel (lrkv_triton.py, which rebuilds the keys on chip).
+chunks, never holding the whole per-head K and never copying the whole cache to another dtype.
+`model.decode_backend` picks this torch path or the fused Triton kernel (lrkv_triton.py, which
+rebuilds the keys on chip).
 
 Decoupled RoPE (`model.residual_rope=false`, a different model, not the paper's). RoPE and QK-norm act
 on the shared key only; each head's residual is a position-free channel scored with the normalised,
