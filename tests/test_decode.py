@@ -1,5 +1,10 @@
 """Decoding: decoupled-RoPE LRKV, grouped (copy-free) GQA/MQA/MLA decode, backends and their errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import decode_in_chunks, random_model, tiny_config
@@ -128,3 +133,40 @@ def test_triton_where_it_cannot_run_is_a_one_line_error(monkeypatch):
         with pytest.raises(ConfigError) as err:
             model(x[:, 5:6], cache)
     assert "\n" not in str(err.value) and "triton" in str(err.value)
+
+
+# ---- the fused Triton kernel, run by Triton's interpreter on CPU ----------------------------------
+TRITON_CHECK = """
+import torch
+from helpers import decode_in_chunks, random_model
+
+cases = [({}, torch.float32), (dict(norm_affine=True, rank=3), torch.float32), ({}, torch.bfloat16)]
+for options, cache_dtype in cases:
+    model = random_model("lrkv", seed=10, n_layer=1, **options)
+    x = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(11))
+    sizes = [12, 3, 1, 1, 2]  # 15..19 cached tokens: not multiples of the block of 4; 2 splits of 3 blocks
+    with torch.no_grad():
+        torch_path = decode_in_chunks(model, x, sizes, cache_dtype=cache_dtype)
+        for block in model.blocks:
+            block.attn.cfg.decode_backend = "triton"
+            block.attn.triton_block_t, block.attn.triton_programs = 4, 16
+        assert model.blocks[0].attn.decode_backend("cpu") == "triton"
+        triton_path = decode_in_chunks(model, x, sizes, cache_dtype=cache_dtype)
+    err = (triton_path - torch_path).abs().max().item()
+    assert err < 1e-4, (options, cache_dtype, err)
+    print("ok", options, cache_dtype, err)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernel_equals_torch_decode_under_the_interpreter():
+    """fp32 and bf16 caches, batch 2, affine norm, rank 3 (padded), several splits and blocks, partial blocks.
+
+    A subprocess: Triton reads TRITON_INTERPRET when triton.language is first imported.
+    """
+    pytest.importorskip("triton")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("ok") == 3

@@ -59,6 +59,7 @@ from .kernel import attend, causal_mask
 class LowRankKVAttention(Attention):
     fields = ("rank", "residual_init", "lrkv_impl", "residual_rope")
     decode_chunk = 1024  # cached positions whose keys are rebuilt at once by the torch decode path
+    triton_block_t, triton_programs = 32, 1024  # the Triton kernel's block of cached positions, grid size target
 
     @classmethod
     def validate(cls, cfg) -> None:
