@@ -105,6 +105,34 @@ def test_mla_decodes_from_one_contiguous_latent_buffer():
     assert list(buffers) == ["ckr"] and tuple(buffers["ckr"].shape) == (2, 16, 12 + 8)
 
 
+# ---- batched prompts of different lengths ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "lrkv"])
+def test_generate_a_list_of_prompts_equals_one_by_one(kind):
+    model = random_model(kind, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 3, 5, 8)]
+    alone = [model.generate(p, 9, cache_dtype=torch.float32) for p in prompts]
+    stop = int(alone[0][7])  # a token the first prompt emits: its row stops early, the others may not
+    alone_stop = [model.generate(p, 9, stop_token=stop, cache_dtype=torch.float32) for p in prompts]
+    batched = model.generate(prompts, 9, cache_dtype=torch.float32)
+    batched_stop = model.generate(prompts, 9, stop_token=stop, cache_dtype=torch.float32)
+    assert isinstance(batched, list) and len(batched) == 4
+    for a, b in zip(alone + alone_stop, batched + batched_stop):
+        assert torch.equal(a, b)
+    assert len(batched_stop[0]) == 5 + 3 and int(batched_stop[0][-1]) == stop
+
+
+def test_prompt_longer_than_max_seq_len_is_a_one_line_error():
+    model = random_model("mha")
+    for prompt in (
+        torch.zeros(60, dtype=torch.long),
+        [torch.zeros(3, dtype=torch.long), torch.zeros(60, dtype=torch.long)],
+    ):
+        with pytest.raises(ConfigError) as err:
+            model.generate(prompt, 10)
+        assert "max_seq_len" in str(err.value) and "\n" not in str(err.value)
+
+
 # ---- configuration errors ------------------------------------------------------------------------
 BAD = [
     (dict(attention="lrkv", rank=4, decode_backend="cuda"), "decode_backend"),

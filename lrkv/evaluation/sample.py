@@ -1,21 +1,20 @@
 """Sampling through the KV cache: prefill the prompt once, then one token per step.
 
-`decode` is `Transformer.generate` with two additions the evaluation needs: a per-step stop test
-(lm-eval's stop strings, checked on the decoded text) and timing (prefill vs decode tokens/s). It
-uses the same cache and the same `sample_next`, so greedy decoding gives exactly `model.generate`'s
-tokens (tests compare it with the cache-free reference `generate(use_cache=False)`).
+`decode` runs the project's one generation loop (`lrkv.generate.generate_batch`, which
+`Transformer.generate` runs too) with the two options the evaluation needs: a per-step stop test
+(lm-eval's stop strings, checked on the decoded text) and timing (prefill vs decode tokens/s), so
+greedy decoding gives exactly `model.generate`'s tokens.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from lrkv.errors import ConfigError
-from lrkv.generate import sample_next
+from lrkv.generate import generate_batch
 
 
 @dataclass
@@ -60,37 +59,21 @@ def decode(
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ConfigError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
     b, t = prompt.shape
-    max_len = model.cfg.max_seq_len
-    if t + max_new_tokens > max_len:
-        raise ConfigError(
-            f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={max_len}; "
-            "shorten the prompt or lower max_new_tokens"
-        )
     out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=b * t, stopped=[False] * b)
-    if max_new_tokens <= 0:
-        return out
-    cache = model.new_cache(b, t + max_new_tokens, cache_dtype)
-    step_input = prompt
-    start = time.perf_counter()
-    for step in range(max_new_tokens):
-        logits = model(step_input, cache)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        if step == 0:
-            out.prefill_s = time.perf_counter() - start
-        out.steps += 1
-        for row, tok in enumerate(nxt.tolist()):
-            if out.stopped[row]:
-                continue
-            if stop_token is not None and tok == stop_token:
-                out.stopped[row] = True
-                continue
-            out.tokens[row].append(tok)
-            if should_stop is not None and should_stop(row, out.tokens[row]):
-                out.stopped[row] = True
-        if all(out.stopped):
-            break
-        step_input = nxt[:, None]
-    out.decode_s = time.perf_counter() - start - out.prefill_s
+    gen = generate_batch(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token=stop_token,
+        should_stop=should_stop,
+        generator=generator,
+        cache_dtype=cache_dtype,
+    )
+    out.tokens, out.stopped, out.steps = gen.new_tokens, gen.stopped, gen.steps
+    out.prefill_s, out.decode_s = gen.prefill_s, gen.decode_s
     return out
 
 
