@@ -44,23 +44,19 @@ def uses_grouped_decode(q: torch.Tensor, k: torch.Tensor, max_queries: int = 16)
 def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention without K/V expansion. q (B, Tq, H, D), k (B, Tk, G, D), v (B, Tk, G, Dv) -> (B, Tq, H, Dv).
 
-    The H/G query heads of group g and their Tq positions form one (H/G Tq, D) matrix that meets the
-    group's keys, read in place from the cache layout as a strided (Tk, D) matrix, in one GEMM per group;
-    softmax in float32; the causal mask is aligned bottom-right.
+    The H/G query heads of group g and their Tq positions become the rows of one query matrix, so that
+    attention runs as (B, G, H/G·Tq, D) queries against (B, G, Tk, D) keys: one attention call in which
+    every K/V head is read once (SDPA's kernels stream it); the causal mask is aligned bottom-right and
+    repeated for each head of a group. Caches stored head-major (gqa.py) make each group's keys
+    contiguous rows.
     """
     b, tq, h, d = q.shape
     tk, g, dv = k.shape[1], k.shape[2], v.shape[-1]
     n = h // g
-    scale = d**-0.5 if scale is None else scale
-    qg = (q.transpose(1, 2) * scale).reshape(b, g, n * tq, d)  # head h = g n + j; rows (j, t)
-    mask = ~causal_mask(tq, tk, q.device) if tq > 1 else None
-    out = []
-    for i in range(g):
-        s = torch.bmm(qg[:, i], k[:, :, i].transpose(1, 2))  # (B, n Tq, Tk)
-        if mask is not None:
-            s = s.view(b, n, tq, tk).masked_fill(mask, float("-inf")).view(b, n * tq, tk)
-        out.append(torch.bmm(torch.softmax(s.float(), dim=-1).to(v.dtype), v[:, :, i]))
-    return torch.stack(out, dim=1).view(b, h, tq, dv).transpose(1, 2)
+    qg = q.transpose(1, 2).reshape(b, g, n * tq, d)  # head h = g n + j; rows (j, t)
+    mask = causal_mask(tq, tk, q.device).repeat(n, 1) if tq > 1 else None
+    y = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return y.reshape(b, h, tq, dv).transpose(1, 2)
 
 
 def attend(
