@@ -13,7 +13,7 @@ so that decoding reads it in place. (The LRKV paper counts d_c only; we report t
 
 Absorbed decoding: q_h^nope . (c W_UK,h) = (q_h^nope W_UK,h^T) . c, so the query is mapped into the
 latent space and attends over the cached [c ; k_r] directly: one shared key head, never expanded across
-heads, met by all query heads in one GEMM (kernel.grouped_decode with G = 1), and
+heads, met by all query heads in one attention call (kernel.grouped_decode with G = 1), and
 sum_t a_t (c_t W_UV,h) = (sum_t a_t c_t) W_UV,h, so W_UV is applied once to the attended latent. The
 naive path expands per-head keys/values; it is used for training and for prefill into an empty cache.
 
