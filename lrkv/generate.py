@@ -42,9 +42,9 @@ def sample_next(
 
 @dataclass
 class Generation:
-    """What `generate_batch` produced for prompts (B, T)."""
+    """What `generate_batch` produced."""
 
-    tokens: torch.Tensor  # (B, T + steps): prompt and sampled tokens; a row that stopped repeats stop_token
+    tokens: torch.Tensor | None  # equal-length prompts: (B, T + steps), a stopped row repeats stop_token
     new_tokens: list[list[int]]  # per row, the tokens before its stop (stop token excluded)
     stopped: list[bool]  # per row: stopped by stop_token or should_stop (else it ran out of max_new_tokens)
     stop_hit: list[bool]  # per row: stopped by stop_token
@@ -56,7 +56,7 @@ class Generation:
 @torch.no_grad()
 def generate_batch(
     model,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | list[torch.Tensor],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -67,22 +67,36 @@ def generate_batch(
     use_cache: bool = True,
     cache_dtype: torch.dtype | None = None,
 ) -> Generation:
-    """The one generation loop: prefill equal-length prompts (B, T) once, then one token per step.
+    """The one generation loop: prompts (B, T), or a list of 1-D prompts of different lengths, one cache.
 
-    A row stops at `stop_token` (excluded from new_tokens; the row then repeats it) or when
-    `should_stop(row, new_tokens)` returns True after a token; the loop ends when every row stopped or
-    after max_new_tokens. use_cache=False recomputes the whole sequence every step (the reference).
+    The common length L_min of all prompts is prefilled at once; then every step feeds one token per
+    row: a longer prompt's own next token while its prompt lasts (its sampled token is dropped), then
+    the row's sampled tokens. No padding is ever attended, so each row computes what it computes
+    alone (up to float rounding of chunked vs token-by-token prefill). A row stops at `stop_token`
+    (excluded from new_tokens; the row then repeats it), when `should_stop(row, new_tokens)` returns
+    True after a token, or after max_new_tokens new tokens; the loop ends when every row stopped.
+    use_cache=False recomputes the whole sequence every step (the reference; equal lengths only).
     """
-    b, t = tokens.shape
-    if t + max_new_tokens > model.cfg.max_seq_len:
+    rows = list(tokens) if isinstance(tokens, (list, tuple)) else list(tokens.unbind(0))
+    lens = [int(r.numel()) for r in rows]
+    b, lmin, lmax = len(rows), min(lens), max(lens)
+    if lmin == 0:
+        raise ConfigError("every prompt needs at least one token")
+    if lmax + max_new_tokens > model.cfg.max_seq_len:
         raise ConfigError(
-            f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds model.max_seq_len="
+            f"prompt of {lmax} tokens + max_new_tokens={max_new_tokens} exceeds model.max_seq_len="
             f"{model.cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
         )
-    out = Generation(tokens=tokens, new_tokens=[[] for _ in range(b)], stopped=[False] * b, stop_hit=[False] * b)
-    cache = model.new_cache(b, t + max_new_tokens, cache_dtype) if use_cache and max_new_tokens > 0 else None
-    step_input, start = tokens, time.perf_counter()
-    for step in range(max_new_tokens):
+    if not use_cache and lmin != lmax:
+        raise ConfigError("use_cache=False needs prompts of equal length")
+    padded = torch.zeros(b, lmax, dtype=rows[0].dtype, device=rows[0].device)
+    for i, r in enumerate(rows):
+        padded[i, : lens[i]] = r  # right padding, never fed: a row's prompt tokens past L_min go in one by one
+    length = torch.tensor(lens, device=padded.device)
+    out = Generation(tokens=padded, new_tokens=[[] for _ in range(b)], stopped=[False] * b, stop_hit=[False] * b)
+    cache = model.new_cache(b, lmax + max_new_tokens, cache_dtype) if use_cache and max_new_tokens > 0 else None
+    step_input, pos, start = padded[:, :lmin], lmin, time.perf_counter()
+    for step in range(lmax - lmin + max_new_tokens if max_new_tokens > 0 else 0):
         logits = model(step_input, cache) if use_cache else model(out.tokens)
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         if step == 0:
@@ -92,17 +106,21 @@ def generate_batch(
             nxt = torch.where(stopped, torch.full_like(nxt, stop_token), nxt)
         out.steps += 1
         for row, tok in enumerate(nxt.tolist()):
-            if out.stopped[row]:
+            if pos < lens[row] or out.stopped[row]:
                 continue
             if stop_token is not None and tok == stop_token:
                 out.stopped[row] = out.stop_hit[row] = True
                 continue
-            out.new_tokens[row].append(tok)
-            if should_stop is not None and should_stop(row, out.new_tokens[row]):
-                out.stopped[row] = True
-        out.tokens = torch.cat([out.tokens, nxt[:, None]], dim=1)
-        step_input = nxt[:, None]
-        if all(out.stopped):
+            if len(out.new_tokens[row]) < max_new_tokens:
+                out.new_tokens[row].append(tok)
+                if should_stop is not None and should_stop(row, out.new_tokens[row]):
+                    out.stopped[row] = True
+        if pos < lmax:
+            nxt = torch.where(pos < length, padded[:, pos], nxt)
+        out.tokens = torch.cat([out.tokens, nxt[:, None]], dim=1) if lmin == lmax else None
+        step_input, pos = nxt[:, None], pos + 1
+        finished = [out.stopped[i] or len(out.new_tokens[i]) >= max_new_tokens for i in range(b)]
+        if all(finished):
             break
     out.decode_s = time.perf_counter() - start - out.prefill_s
     return out

@@ -188,8 +188,9 @@ class Transformer(nn.Module):
         Returns prompt + new tokens. use_cache=False recomputes the whole sequence every step (reference).
 
         A list of 1-D prompts of different lengths returns a list: element i is what generate(prompt[i])
-        returns alone (its prompt, then its new tokens up to and including its stop token). Prompts of
-        equal length decode together in one batch (one cache); each length group is its own batch.
+        returns alone (its prompt, then its new tokens up to and including its stop token), all rows in one
+        batch and one cache: the common prompt length is prefilled, then longer prompts feed their own
+        tokens while shorter ones already generate (no padding is attended).
         """
         from lrkv.generate import generate_batch
 
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
         return tokens[0] if squeeze else tokens
 
     def generate_ragged(self, prompts: list[torch.Tensor], max_new_tokens: int, opts: dict) -> list[torch.Tensor]:
-        """generate() for a list of 1-D prompts: rows grouped by length, one batch per group, cut per row."""
+        """generate() for a list of 1-D prompts: one batch and one cache (lrkv.generate.generate_batch), cut per row."""
         from lrkv.generate import generate_batch
 
         for i, p in enumerate(prompts):
@@ -210,16 +211,12 @@ class Transformer(nn.Module):
                 raise ConfigError(
                     f"prompt {i} must be a non-empty 1-D tensor of token ids, got {getattr(p, 'shape', p)}"
                 )
-        groups: dict[int, list[int]] = {}
+        gen = generate_batch(self, prompts, max_new_tokens, **opts)
+        out = []
         for i, p in enumerate(prompts):
-            groups.setdefault(p.numel(), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(prompts)
-        for rows in groups.values():
-            gen = generate_batch(self, torch.stack([prompts[i] for i in rows]), max_new_tokens, **opts)
-            for j, i in enumerate(rows):
-                new = gen.new_tokens[j] + ([opts["stop_token"]] if gen.stop_hit[j] else [])
-                out[i] = torch.cat([prompts[i], prompts[i].new_tensor(new, dtype=prompts[i].dtype)])
-        return out  # type: ignore[return-value]
+            new = gen.new_tokens[i] + ([opts["stop_token"]] if gen.stop_hit[i] else [])
+            out.append(torch.cat([p, p.new_tensor(new, dtype=p.dtype)]))
+        return out
 
     # ---- accounting -------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -39,7 +39,7 @@ class Decoded:
 @torch.no_grad()
 def decode(
     model,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | list[torch.Tensor],
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -50,16 +50,19 @@ def decode(
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
 ) -> Decoded:
-    """Continue equal-length prompts (B, T) through a KV cache.
+    """Continue prompts (B, T), or a list of 1-D prompts of different lengths, through one KV cache.
 
     A row stops at `stop_token` (not included in its output) or when `should_stop(row, new_tokens)`
     returns True (the tokens so far are kept; the caller trims stop strings). Decoding ends when
     every row stopped or after max_new_tokens.
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
+    if isinstance(prompt, (list, tuple)):  # prompts of different lengths: one batch (see generate_batch)
+        b, total = len(prompt), sum(int(p.numel()) for p in prompt)
+    elif prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ConfigError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
-    b, t = prompt.shape
-    out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=b * t, stopped=[False] * b)
+    else:
+        b, total = prompt.shape[0], prompt.numel()
+    out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=total, stopped=[False] * b)
     gen = generate_batch(
         model,
         prompt,
