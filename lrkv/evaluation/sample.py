@@ -92,7 +92,7 @@ def generate_text(
     seed: int = 0,
     cache_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s."""
+    """Completions of text prompts (each `num_samples` times, all in one batch), with tokens/s."""
     from lrkv.evaluation.runs import require_tokenizer
 
     tok = require_tokenizer(pretrained, "generation")
@@ -103,36 +103,36 @@ def generate_text(
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    results, new_tokens, seconds = [], 0, 0.0
-    for prompt in prompts:
-        ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an end-of-text in training; "" = unconditional
-        budget = model.cfg.max_seq_len - max_new_tokens
-        if budget < 1:
-            raise ConfigError(
-                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
-            )
-        ids = ids[-budget:]
-        x = torch.tensor([ids] * num_samples, device=device)
-        dec = decode(
-            model,
-            x,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_token=tok.eos_id,
-            generator=generator,
-            cache_dtype=cache_dtype,
+    budget = model.cfg.max_seq_len - max_new_tokens
+    if budget < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
         )
-        new_tokens += dec.new_tokens
-        seconds += dec.prefill_s + dec.decode_s
+    # documents follow an end-of-text in training; "" = unconditional
+    encoded = [([tok.eos_id] + tok.encode(prompt))[-budget:] for prompt in prompts]
+    rows = [torch.tensor(ids, device=device) for ids in encoded for _ in range(num_samples)]
+    dec = decode(  # every prompt and sample in one batch (prompts of different lengths share it)
+        model,
+        rows,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token=tok.eos_id,
+        generator=generator,
+        cache_dtype=cache_dtype,
+    )
+    new_tokens, seconds = dec.new_tokens, dec.prefill_s + dec.decode_s
+    results = []
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        mine = dec.tokens[i * num_samples : (i + 1) * num_samples]
         results.append(
             {
                 "prompt": prompt,
                 "prompt_tokens": len(ids),
-                "completions": [tok.decode(t) for t in dec.tokens],
-                "new_tokens": dec.new_tokens,
-                "prefill_s": dec.prefill_s,
+                "completions": [tok.decode(t) for t in mine],
+                "new_tokens": sum(len(t) for t in mine),
+                "prefill_s": dec.prefill_s,  # the batch's, shared by all prompts
                 "decode_s": dec.decode_s,
                 "tokens_per_s": dec.tokens_per_s,
             }
