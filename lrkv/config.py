@@ -4,7 +4,7 @@ Presets live as YAML files in `configs/model/<name>.yaml` (the same files Hydra 
 `python train.py model=<name>`); `load_model_config(name, **overrides)` reads them without Hydra.
 
 Fields used by only one attention kind (`kv_heads`, `kv_latent`, `q_latent`, `rope_dim`, `rank`,
-`residual_init`, `lrkv_impl`) default to None. Each kind declares the fields it owns and fills their
+`residual_init`, `lrkv_impl`, `residual_rope`) default to None. Each kind declares the fields it owns and fills their
 defaults during validation; setting a field that the chosen kind does not use is an error, so that
 e.g. `model.rank=32` on an MHA model cannot be silently ignored. A new kind that needs its own
 hyperparameters reads them from `attn_options` (a free dict), so adding it changes nothing here.
@@ -24,7 +24,8 @@ import yaml
 from lrkv.errors import ConfigError
 
 # The fields that belong to one attention kind (see lrkv/attention/*: `Attention.fields`).
-KIND_FIELDS = ("kv_heads", "kv_latent", "q_latent", "rope_dim", "rank", "residual_init", "lrkv_impl")
+KIND_FIELDS = ("kv_heads", "kv_latent", "q_latent", "rope_dim", "rank", "residual_init", "lrkv_impl", "residual_rope")
+DECODE_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class ModelConfig:
     residual_init: float | None = None  # lrkv: ||U B^T|| / ||W_shared|| at init (paper: 0.1)
     lrkv_impl: str | None = None  # lrkv: "factored" (X.U then .B^T) | "folded" (W_shared + U B^T)
     attn_options: dict = field(default_factory=dict)  # free options for kinds added later
+    # decoding (docs/design-notes.md §16)
+    decode_backend: str = "auto"  # auto (triton on CUDA when importable, else torch) | torch | triton (exact lrkv)
+    residual_rope: bool | None = None  # lrkv: true = the paper's model; false = decoupled RoPE (a different model)
 
     def __post_init__(self):
         self.validate()
@@ -88,6 +92,10 @@ class ModelConfig:
             raise ConfigError(f"model.logit_softcap must be >= 0 or null, got {self.logit_softcap}")
         if not self.rope_theta > 0:
             raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise ConfigError(
+                f"model.decode_backend={self.decode_backend!r} is unknown; use {', '.join(DECODE_BACKENDS)}"
+            )
         cls = get_attention_class(self.attention)
         foreign = [f for f in KIND_FIELDS if f not in cls.fields and getattr(self, f) is not None]
         if foreign:
@@ -96,6 +104,11 @@ class ModelConfig:
                 f"(its fields: {', '.join(cls.fields) or 'none'}); remove it or pick another kind"
             )
         cls.validate(self)
+        if self.decode_backend == "triton" and not cls.has_triton_decode(self):
+            raise ConfigError(
+                f"model.decode_backend=triton has a kernel only for attention=lrkv with residual_rope=true, "
+                f"not attention={self.attention!r}; use decode_backend=auto or torch"
+            )
 
     # ---- derived quantities -----------------------------------------------------------------
     @property

@@ -21,7 +21,6 @@ from lrkv.attention import get_attention_class, init_linear_
 from lrkv.cache import KVCache
 from lrkv.config import ModelConfig
 from lrkv.errors import ConfigError
-from lrkv.generate import sample_next
 from lrkv.norm import RMSNorm
 
 
@@ -173,7 +172,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | list[torch.Tensor],
         max_new_tokens: int,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -182,29 +181,42 @@ class Transformer(nn.Module):
         use_cache: bool = True,
         cache_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Continue prompts (B, T) (or (T,)) by up to max_new_tokens; greedy when temperature == 0.
 
         Rows that emit `stop_token` keep emitting it; generation ends when all rows have stopped.
         Returns prompt + new tokens. use_cache=False recomputes the whole sequence every step (reference).
+
+        A list of 1-D prompts of different lengths returns a list: element i is what generate(prompt[i])
+        returns alone (its prompt, then its new tokens up to and including its stop token), all rows in one
+        batch and one cache: the common prompt length is prefilled, then longer prompts feed their own
+        tokens while shorter ones already generate (no padding is attended).
         """
+        from lrkv.generate import generate_batch
+
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token, generator=generator)
+        opts.update(use_cache=use_cache, cache_dtype=cache_dtype)
+        if isinstance(prompt, (list, tuple)):
+            return self.generate_ragged(list(prompt), max_new_tokens, opts)
         squeeze = prompt.dim() == 1
-        tokens = prompt[None] if squeeze else prompt
-        b = tokens.shape[0]
-        cache = self.new_cache(b, tokens.shape[1] + max_new_tokens, cache_dtype) if use_cache else None
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        step_input = tokens
-        for _ in range(max_new_tokens):
-            logits = self(step_input, cache) if use_cache else self(tokens)
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done |= nxt == stop_token
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if stop_token is not None and bool(done.all()):
-                break
+        tokens = generate_batch(self, prompt[None] if squeeze else prompt, max_new_tokens, **opts).tokens
         return tokens[0] if squeeze else tokens
+
+    def generate_ragged(self, prompts: list[torch.Tensor], max_new_tokens: int, opts: dict) -> list[torch.Tensor]:
+        """generate() for a list of 1-D prompts: one batch and one cache (lrkv.generate.generate_batch), cut per row."""
+        from lrkv.generate import generate_batch
+
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0:
+                raise ConfigError(
+                    f"prompt {i} must be a non-empty 1-D tensor of token ids, got {getattr(p, 'shape', p)}"
+                )
+        gen = generate_batch(self, prompts, max_new_tokens, **opts)
+        out = []
+        for i, p in enumerate(prompts):
+            new = gen.new_tokens[i] + ([opts["stop_token"]] if gen.stop_hit[i] else [])
+            out.append(torch.cat([p, p.new_tensor(new, dtype=p.dtype)]))
+        return out
 
     # ---- accounting -------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

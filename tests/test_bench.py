@@ -98,3 +98,15 @@ def test_quick_suite_records_every_phase(tmp_path):
     assert (out / "train_step.jsonl").exists() and (out / "decode.jsonl").exists()
     text = md.read_text()
     assert "framework_vs_bare" in text and result["environment"]["date"] in text and "(quick)" in text
+
+def test_attention_only_decode_bench_measures_every_kind(one_thread):
+    result = decode.main(["--attention-only", "--tiny"])
+    rows = {(r["kind"], r["batch"]): r for r in result["rows"]}
+    assert {kind for kind, _ in rows} == set(decode.ATTENTION_KINDS) and {b for _, b in rows} == {1, 2}
+    by = {kind: rows[(kind, 2)] for kind in decode.ATTENTION_KINDS}
+    assert by["mha"]["speedup_vs_mha"] == 1.0 and by["mha"]["MB_read"] == 2 * rows[("mha", 1)]["MB_read"]
+    assert by["lrkv"]["bytes_vs_mha"] == pytest.approx(1 / 4 + 8 / 32)  # bytes read = the kind's cache
+    assert by["mqa"]["bytes_vs_mha"] == pytest.approx(1 / 4)
+    assert by["lrkv_decoupled"]["MB_read"] == by["lrkv"]["MB_read"]
+    assert all(r["ms"] > 0 and r["GB_s"] > 0 for r in result["rows"])
+    assert result["device"] and result["command"] and result["date"]

@@ -34,7 +34,7 @@ def get_attention_class(kind: str) -> type[Attention]:
 
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "kernel"):
+    if _module.name not in ("base", "kernel", "lrkv_triton"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Attention", "KINDS", "register", "get_attention_class", "init_linear_"]

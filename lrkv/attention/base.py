@@ -66,6 +66,11 @@ class Attention(nn.Module):
         return cls.cache_elements_per_token(cfg)
 
     @classmethod
+    def has_triton_decode(cls, cfg) -> bool:
+        """Whether model.decode_backend=triton has a kernel for this kind (exact LRKV only)."""
+        return False
+
+    @classmethod
     def score_dims(cls, cfg) -> tuple[int, int]:
         """(query/key dim, value dim) per head, for the attention FLOP count."""
         return cfg.head_dim, cfg.head_dim

@@ -4,7 +4,8 @@
     head h attends with key/value group g = h // (H/G)
     y = concat_h softmax(q_h k_g^T / sqrt(d_h) + causal) v_g  W_O
 
-KV cache per token and layer: k and v of the G groups, 2*G*d_h elements (post-norm, post-RoPE keys).
+KV cache per token and layer: k and v of the G groups, 2*G*d_h elements (post-norm, post-RoPE keys),
+stored head-major so that decoding reads each group's keys as contiguous rows (kernel.grouped_decode).
 MHA is G = H (mha.py), MQA is G = 1 (mqa.py).
 """
 
@@ -51,10 +52,13 @@ class GroupedQueryAttention(Attention):
         self.q_norm, self.k_norm = self.head_norm(), self.head_norm()
 
     def new_cache(self, batch_size, max_len, device=None, dtype=torch.bfloat16) -> LayerCache:
-        shape = (batch_size, max_len, self.kv_heads, self.head_dim)
-        return LayerCache(
-            k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype)
-        )
+        """k, v of shape (B, max_len, G, d_h), stored head-major: each K/V head's positions are contiguous rows."""
+
+        def zeros():
+            shape = (batch_size, self.kv_heads, max_len, self.head_dim)
+            return torch.zeros(shape, device=device, dtype=dtype).transpose(1, 2)
+
+        return LayerCache(k=zeros(), v=zeros())
 
     def forward(self, x, cache=None, positions=None):
         b, t, _ = x.shape

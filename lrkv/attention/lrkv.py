@@ -20,8 +20,22 @@ Exact decoding. Values are exact by associativity: sum_t a_t v_h,t = (sum_t a_t 
 (sum_t a_t R_V,h,t) B_V,h^T, so the attended r-dim latent is multiplied by B_V once. Keys are not:
 RoPE is a position-dependent rotation and QK-norm is nonlinear, so q . RoPE_t(norm(k_s + B R_t)) does
 not split into a shared and a low-rank score (the paper's shortcut is a different model). Decoding
-therefore rebuilds each head's keys chunk by chunk (k_s + R_K B_K^T, norm, RoPE at the cached
-positions) with an online softmax across chunks, never holding the whole per-head K.
+therefore rebuilds each head's keys chunk by chunk (k_s + R_K B_K^T in one batched GEMM, RoPE from
+a table computed once per length, the norm applied to the scores) with an online softmax across
+chunks, never holding the whole per-head K and never copying the whole cache to another dtype.
+`model.decode_backend` picks this torch path or the fused Triton kernel (lrkv_triton.py, which
+rebuilds the keys on chip).
+
+Decoupled RoPE (`model.residual_rope=false`, a different model, not the paper's). RoPE and QK-norm act
+on the shared key only; each head's residual is a position-free channel scored with the normalised,
+un-rotated query q^_h = norm(x W_Q,h):
+
+    score_h(s, t) = RoPE_s(q^_h) . RoPE_t(k^_s,t) + (q^_h B_K,h^T) . R_K,h,t      k^_s = norm(x W_K,shared)
+                  = [RoPE_s(q^_h) ; q^_h B_K,h^T] . [RoPE_t(k^_s,t) ; R_K,h,t]     (d_h + r dims, scale 1/sqrt(d_h))
+
+Training is one attention call over the concatenated d_h + r dims (value dim d_h). The cache holds
+RoPE_t(k^_s,t) (rotated and normalised), v_s, R_K and R_V: the same bytes as exact LRKV. Decoding never
+rebuilds keys: one shared key (an MQA-style GEMM) plus an r-dim latent score per head.
 """
 
 import math
@@ -33,17 +47,19 @@ from torch import nn
 
 from lrkv.cache import LayerCache
 from lrkv.errors import ConfigError
+from lrkv.norm import RMSNorm
 from lrkv.rope import apply_rope, rope_cos_sin
 
 from . import register
 from .base import Attention, linear, linear_std
-from .kernel import attend
+from .kernel import attend, causal_mask
 
 
 @register("lrkv")
 class LowRankKVAttention(Attention):
-    fields = ("rank", "residual_init", "lrkv_impl")
-    decode_chunk = 1024  # cached positions whose keys are rebuilt at once during decoding
+    fields = ("rank", "residual_init", "lrkv_impl", "residual_rope")
+    decode_chunk = 1024  # cached positions whose keys are rebuilt at once by the torch decode path
+    triton_block_t, triton_programs = 32, 1024  # the Triton kernel's block of cached positions, grid size target
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -58,10 +74,23 @@ class LowRankKVAttention(Attention):
         cfg.lrkv_impl = cfg.lrkv_impl or "factored"
         if cfg.lrkv_impl not in ("factored", "folded"):
             raise ConfigError(f"model.lrkv_impl={cfg.lrkv_impl!r} is unknown; use factored or folded")
+        cfg.residual_rope = True if cfg.residual_rope is None else cfg.residual_rope
+        if not isinstance(cfg.residual_rope, bool):
+            raise ConfigError(f"model.residual_rope must be true or false, got {cfg.residual_rope!r}")
+        if not cfg.residual_rope and cfg.lrkv_impl == "folded":
+            raise ConfigError("model.lrkv_impl=folded needs residual_rope=true; decoupled LRKV trains factored")
+
+    @classmethod
+    def has_triton_decode(cls, cfg) -> bool:
+        return bool(cfg.residual_rope)
 
     @classmethod
     def cache_elements_per_token(cls, cfg) -> int:
         return 2 * cfg.head_dim + 2 * cfg.n_head * cfg.rank
+
+    @classmethod
+    def score_dims(cls, cfg) -> tuple[int, int]:
+        return cfg.head_dim + (0 if cfg.residual_rope is not False else cfg.rank), cfg.head_dim
 
     def __init__(self, cfg, layer: int = 0):
         super().__init__(cfg, layer)
@@ -75,9 +104,10 @@ class LowRankKVAttention(Attention):
         self.bk = nn.Parameter(torch.empty(h, r, dh))
         self.bv = nn.Parameter(torch.empty(h, r, dh))
         self.q_norm, self.k_norm = self.head_norm(), self.head_norm()
+        self._rope_table: torch.Tensor | None = None  # [cos | sin] of positions 0..n-1 (decoding)
 
     def reset_parameters(self) -> None:
-        """Paper init: shared projections like any linear; U, B small random with ||U_h B_h^T|| ~ residual_init ||W_shared||.
+        """Paper init: shared projections like any linear; U, B small, ||U_h B_h^T|| ~ residual_init ||W_shared||.
 
         With W_shared ~ N(0, s^2): U ~ N(0, s^2) and B ~ N(0, (residual_init / sqrt(r))^2) give
         ||U_h B_h^T||_F ~ sqrt(d d_h r) s residual_init / sqrt(r) = residual_init ||W_shared||_F.
@@ -132,11 +162,24 @@ class LowRankKVAttention(Attention):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
         return apply_rope(self.k_norm(k), cos, sin)
 
+    def rope_table(self, n: int, device) -> torch.Tensor:
+        """[cos | sin] (n, d_h) float32 of positions 0..n-1, kept between decode steps (grown by doubling)."""
+        device, table = torch.device(device), self._rope_table
+        if table is not None and table.device != device:
+            table = None
+        if table is None or table.shape[0] < n:
+            size = n if table is None else max(n, 2 * table.shape[0])
+            table = torch.cat(rope_cos_sin(torch.arange(size, device=device), self.head_dim, self.cfg.rope_theta), -1)
+            self._rope_table = table
+        return table[:n]
+
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, cache=None, positions=None):
         b, t, _ = x.shape
         if positions is None:
             positions = self.default_positions(x, cache)
+        if not self.cfg.residual_rope:
+            return self.wo(self.forward_decoupled(x, cache, positions).reshape(b, t, -1))
         q, _ = self.project_queries(x, positions)
         if cache is None:
             k, v = self.keys_values(x)
@@ -149,42 +192,134 @@ class LowRankKVAttention(Attention):
         if first:  # prefill into an empty cache: the ordinary path on the new tokens (nothing older to rebuild)
             k = self.rope_keys(self.expand(k_s, r_k, self.bk), positions)
             y = attend(q, k, self.expand(v_s, r_v, self.bv), backend=self.cfg.attn_backend)
+        elif self.decode_backend(q.device) == "triton":
+            from .lrkv_triton import lrkv_decode
+
+            y = lrkv_decode(q, kv, self)
         else:
             y = self.attend_cached(q, kv)
         return self.wo(y.reshape(b, t, -1))
 
+    def decode_backend(self, device) -> str:
+        """torch or triton for exact cached decoding (model.decode_backend; auto: triton on CUDA when usable)."""
+        choice = self.cfg.decode_backend
+        if choice == "torch":
+            return "torch"
+        from .lrkv_triton import triton_unavailable
+
+        reason = triton_unavailable(device)
+        if choice == "auto":
+            return "torch" if reason or torch.device(device).type != "cuda" else "triton"
+        if reason:
+            raise ConfigError(f"model.decode_backend=triton cannot run: {reason}; use decode_backend=torch or auto")
+        return "triton"
+
     def attend_cached(self, q, kv):
         """Exact attention of q (B, Tq, H, d_h) over a cache of shared K/V and latents, chunk by chunk.
 
-        Online softmax (running max m, normaliser l) in float32. Value side accumulates the attended
-        shared values (d_h) and the attended latents (r) separately; B_V is applied once at the end.
+        Per chunk of C cached positions: the raw keys y = k_s + R_K B_K^T of all heads in one batched GEMM,
+        RoPE from the table kept between steps, scores (B, H, Tq, C). QK-norm without a weight is a
+        per-key scalar, applied to the scores: q . RoPE(y / rms(y)) = (q . RoPE(y)) / rms(y). Online
+        softmax (running max m, normaliser l) in float32. The value side reads the cache in place as
+        (B, C, d_h) and (B, C, H r) matrices: the attended shared values p v_s, and the attended latents
+        of every head against every head's probabilities (an H-fold larger but copy-free GEMM) of which
+        the diagonal blocks are kept; B_V is applied once at the end. Each chunk is cast to float32 on its
+        own (no whole-cache copy).
         """
-        dt = torch.promote_types(q.dtype, torch.float32)
-        k_s, v_s, r_k, r_v = (kv[name].to(dt) for name in ("k_s", "v_s", "r_k", "r_v"))
+        k_s, v_s, r_k, r_v = (kv[name] for name in ("k_s", "v_s", "r_k", "r_v"))
         b, tq, h, dh = q.shape
-        tk = k_s.shape[1]
-        qf = q.to(dt).transpose(1, 2)  # (B, H, Tq, d_h)
-        scale = 1.0 / math.sqrt(dh)
+        tk, r, half = k_s.shape[1], self.rank, dh // 2
+        dt = torch.promote_types(q.dtype, torch.float32)
+        qf = q.to(dt).transpose(1, 2) * (1.0 / math.sqrt(dh))  # (B, H, Tq, d_h), scale folded in
+        bk, bv = self.bk.to(dt), self.bv.to(dt)
+        table = self.rope_table(tk, q.device)
+        scalar_norm = isinstance(self.k_norm, RMSNorm) and self.k_norm.weight is None
         opts = dict(device=q.device, dtype=dt)
         m = torch.full((b, h, tq, 1), float("-inf"), **opts)
         l = torch.zeros(b, h, tq, 1, **opts)
-        acc_s = torch.zeros(b, h, tq, dh, **opts)
-        acc_r = torch.zeros(b, h, tq, self.rank, **opts)
-        query_pos = torch.arange(tk - tq, tk, device=q.device)
+        acc_s = torch.zeros(b, h * tq, dh, **opts)
+        acc_r = torch.zeros(b, h * tq, h * r, **opts)
+        mask = causal_mask(tq, tk, q.device) if tq > 1 else None
         for start in range(0, tk, self.decode_chunk):
             end = min(start + self.decode_chunk, tk)
-            pos = torch.arange(start, end, device=q.device)
-            k = self.rope_keys(self.expand(k_s[:, start:end], r_k[:, start:end], self.bk.to(dt)), pos)
-            s = torch.einsum("bhqd,bkhd->bhqk", qf, k) * scale
-            s = s.masked_fill(pos[None, :] > query_pos[:, None], float("-inf"))
+            c = end - start
+            rk = r_k[:, start:end].to(dt).permute(0, 2, 1, 3)  # (B, H, C, r)
+            k = torch.matmul(rk, bk).add_(k_s[:, None, start:end].to(dt))  # raw keys (B, H, C, d_h)
+            if scalar_norm:
+                inv = torch.rsqrt(torch.linalg.vecdot(k, k) / dh + self.k_norm.eps)  # (B, H, C)
+            else:
+                k = self.k_norm(k)
+            cos, sin = table[start:end, :half].to(dt), table[start:end, half:].to(dt)
+            k1, k2 = k[..., :half], k[..., half:]
+            rot = torch.empty_like(k)
+            torch.mul(k1, cos, out=rot[..., :half]).addcmul_(k2, sin, value=-1)
+            torch.mul(k2, cos, out=rot[..., half:]).addcmul_(k1, sin)
+            s = torch.matmul(qf, rot.transpose(-1, -2))  # (B, H, Tq, C)
+            if scalar_norm:
+                s = s * inv[:, :, None, :]
+            if mask is not None:
+                s = s.masked_fill(~mask[:, start:end], float("-inf"))
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             p, alpha = torch.exp(s - m_new), torch.exp(m - m_new)
             l = l * alpha + p.sum(-1, keepdim=True)
-            acc_s = acc_s * alpha + torch.einsum("bhqk,bkd->bhqd", p, v_s[:, start:end])
-            acc_r = acc_r * alpha + torch.einsum("bhqk,bkhr->bhqr", p, r_v[:, start:end])
+            p = p.reshape(b, h * tq, c)
+            alpha = alpha.reshape(b, h * tq, 1)
+            acc_s = torch.baddbmm(acc_s * alpha, p, v_s[:, start:end].to(dt))
+            if r:
+                acc_r = torch.baddbmm(acc_r * alpha, p, r_v[:, start:end].to(dt).reshape(b, c, h * r))
             m = m_new
-        out = (acc_s + torch.einsum("bhqr,hrd->bhqd", acc_r, self.bv.to(dt))) / l
-        return out.transpose(1, 2).to(q.dtype)
+        out = acc_s.view(b, h, tq, dh) + own_head_latents(acc_r, h, tq, r) @ bv
+        return (out / l).transpose(1, 2).to(q.dtype)
+
+    # ---- decoupled RoPE (residual_rope=false) ------------------------------------------------
+    def forward_decoupled(self, x, cache, positions):
+        """Decoupled LRKV attention output (B, T, H, d_h) before W_O; see the module docstring."""
+        b, t, _ = x.shape
+        h, dh = self.n_head, self.head_dim
+        cos, sin = rope_cos_sin(positions, dh, self.cfg.rope_theta)
+        q_hat = self.q_norm(self.wq(x).view(b, t, h, dh))
+        q_rot = apply_rope(q_hat, cos, sin)
+        q_lat = torch.einsum("bthd,hrd->bthr", q_hat, self.bk)  # q^_h B_K,h^T: (B, T, H, r)
+        k_s, v_s, r_k, r_v = self.latents(x)
+        k_rot = apply_rope(self.k_norm(k_s)[:, :, None], cos, sin)[:, :, 0]  # RoPE_t(k^_s,t): (B, T, d_h)
+        if cache is not None:
+            dtype = cache.buffers["k_s"].dtype
+            first = cache.length == 0
+            kv = cache.append(k_s=k_rot.to(dtype), v_s=v_s.to(dtype), r_k=r_k.to(dtype), r_v=r_v.to(dtype))
+            if not first:
+                return self.attend_decoupled_cached(q_rot, q_lat, kv)
+        q = torch.cat([q_rot, q_lat], dim=-1)
+        k = torch.cat([k_rot[:, :, None].expand(b, t, h, dh), r_k], dim=-1)
+        return attend(q, k, self.expand(v_s, r_v, self.bv), scale=1.0 / math.sqrt(dh), backend=self.cfg.attn_backend)
+
+    def attend_decoupled_cached(self, q_rot, q_lat, kv):
+        """Decode over the cache without rebuilding keys: (B, Tq, H, d_h) queries -> (B, Tq, H, d_h).
+
+        Scores = one shared rotated key for all heads, (B, H Tq, d_h) @ (B, d_h, T) as in MQA, plus the
+        latent scores, a block-diagonal (B, H Tq, H r) query matrix against R_K read in place as
+        (B, T, H r). Values as in exact decoding (attended v_s and latents, then B_V once).
+        """
+        b, tq, h, dh = q_rot.shape
+        r = self.rank
+        dt = q_rot.dtype
+        k, v_s = kv["k_s"].to(dt), kv["v_s"].to(dt)
+        r_k, r_v = kv["r_k"].to(dt), kv["r_v"].to(dt)
+        tk = k.shape[1]
+        scale = 1.0 / math.sqrt(dh)
+        q = q_rot.transpose(1, 2).reshape(b, h * tq, dh) * scale
+        s = torch.bmm(q, k.transpose(1, 2))  # (B, H Tq, T)
+        if r:
+            q_bd = q_rot.new_zeros(b, h, tq, h, r)
+            torch.diagonal(q_bd, dim1=1, dim2=3).copy_(q_lat.permute(0, 1, 3, 2) * scale)  # (B, Tq, r, H) view
+            s = torch.baddbmm(s, q_bd.view(b, h * tq, h * r), r_k.reshape(b, tk, h * r).transpose(1, 2))
+        if tq > 1:
+            s = s.view(b, h, tq, tk).masked_fill(~causal_mask(tq, tk, s.device), float("-inf")).view(b, h * tq, tk)
+        p = torch.softmax(s.float(), dim=-1).to(dt)
+        out = torch.bmm(p, v_s).view(b, h, tq, dh)
+        if r:
+            attended = torch.bmm(p, r_v.reshape(b, tk, h * r))  # (B, H Tq, H r)
+            out = out + own_head_latents(attended, h, tq, r) @ self.bv.to(dt)
+        return out.transpose(1, 2)
 
     @torch.no_grad()
     def head_qk_maps(self):
@@ -195,3 +330,9 @@ class LowRankKVAttention(Attention):
         if r:
             wk = wk + self.uk.weight.to(f64).view(h, r, d).transpose(1, 2) @ self.bk.to(f64)
         return self.fold_norm_scale(wq, self.q_norm), self.fold_norm_scale(wk, self.k_norm)
+
+
+def own_head_latents(x: torch.Tensor, h: int, tq: int, r: int) -> torch.Tensor:
+    """Diagonal blocks of (B, H Tq, H r): row block h's own head's r columns -> (B, H, Tq, r)."""
+    b = x.shape[0]
+    return torch.diagonal(x.view(b, h, tq, h, r), dim1=1, dim2=3).permute(0, 3, 1, 2)

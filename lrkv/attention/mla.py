@@ -8,11 +8,12 @@ Keys and values of all heads come from one small latent per token, plus one shar
     q_h    = [q_h^nope ; RoPE(q_h^rope)],  q = x W_Q  (or RMSNorm(x W_DQ) W_UQ with q_latent > 0)
     score  = q_h . k_h / sqrt(d_h + d_r)
 
-KV cache per token and layer: d_c + d_r elements. (The LRKV paper counts d_c only; we report the
-honest d_c + d_r.)
+KV cache per token and layer: d_c + d_r elements, kept as one contiguous buffer [c ; k_r] (B, T, d_c + d_r)
+so that decoding reads it in place. (The LRKV paper counts d_c only; we report the honest d_c + d_r.)
 
 Absorbed decoding: q_h^nope . (c W_UK,h) = (q_h^nope W_UK,h^T) . c, so the query is mapped into the
-latent space and attends over the cached c directly (one shared "key head" [c ; k_r], MQA-style), and
+latent space and attends over the cached [c ; k_r] directly: one shared key head, never expanded across
+heads, met by all query heads in one attention call (kernel.grouped_decode with G = 1), and
 sum_t a_t (c_t W_UV,h) = (sum_t a_t c_t) W_UV,h, so W_UV is applied once to the attended latent. The
 naive path expands per-head keys/values; it is used for training and for prefill into an empty cache.
 
@@ -31,7 +32,7 @@ from lrkv.rope import apply_rope, rope_cos_sin
 
 from . import register
 from .base import Attention, linear
-from .kernel import attend
+from .kernel import attend, grouped_decode
 
 
 def _check_int(cfg, name: str, low: int) -> None:
@@ -84,10 +85,7 @@ class MultiHeadLatentAttention(Attention):
         self.wo = linear(h * dh, d)
 
     def new_cache(self, batch_size, max_len, device=None, dtype=torch.bfloat16) -> LayerCache:
-        return LayerCache(
-            c=torch.zeros(batch_size, max_len, self.d_c, device=device, dtype=dtype),
-            k_r=torch.zeros(batch_size, max_len, self.d_r, device=device, dtype=dtype),
-        )
+        return LayerCache(ckr=torch.zeros(batch_size, max_len, self.d_c + self.d_r, device=device, dtype=dtype))
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.q_latent:
@@ -104,12 +102,14 @@ class MultiHeadLatentAttention(Attention):
         k_r = self.w_kr(x).view(b, t, 1, self.d_r)
         cos, sin = rope_cos_sin(positions, self.d_r, self.cfg.rope_theta)
         q_rope, k_r = apply_rope(q_rope, cos, sin), apply_rope(k_r, cos, sin)[:, :, 0]
+        ckr = torch.cat([c, k_r], dim=-1)
         if cache is not None:
-            dtype = cache.buffers["c"].dtype
-            kv = cache.append(c=c.to(dtype), k_r=k_r.to(dtype))
-            c, k_r = kv["c"].to(x.dtype), kv["k_r"].to(x.dtype)
-        absorbed = self.absorb is True or (self.absorb == "auto" and c.shape[1] > t)
-        y = self.attend_absorbed(q_nope, q_rope, c, k_r) if absorbed else self.attend_naive(q_nope, q_rope, c, k_r)
+            ckr = cache.append(ckr=ckr.to(cache.buffers["ckr"].dtype))["ckr"].to(x.dtype)
+        absorbed = self.absorb is True or (self.absorb == "auto" and ckr.shape[1] > t)
+        if absorbed:
+            y = self.attend_absorbed(q_nope, q_rope, ckr)
+        else:
+            y = self.attend_naive(q_nope, q_rope, *ckr.split([self.d_c, self.d_r], dim=-1))
         return self.wo(y.reshape(b, t, -1))
 
     def attend_naive(self, q_nope, q_rope, c, k_r):
@@ -121,13 +121,13 @@ class MultiHeadLatentAttention(Attention):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return attend(q, k, v, scale=self.scale, backend=self.cfg.attn_backend)
 
-    def attend_absorbed(self, q_nope, q_rope, c, k_r):
-        """Attend in latent space: queries q W_UK^T against [c ; k_r], then W_UV on the attended latent."""
+    def attend_absorbed(self, q_nope, q_rope, ckr):
+        """Attend in latent space: queries [q W_UK^T ; q_rope] against [c ; k_r], then W_UV on the attended latent."""
         w_uk = self.w_uk.weight.view(self.n_head, self.head_dim, self.d_c)
         w_uv = self.w_uv.weight.view(self.n_head, self.head_dim, self.d_c)
         q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, w_uk), q_rope], dim=-1)
-        k = torch.cat([c, k_r], dim=-1)[:, :, None, :]  # one shared key head
-        latent = attend(q, k, c[:, :, None, :], scale=self.scale, backend="sdpa")  # (B, T, H, d_c)
+        key = ckr[:, :, None, :]  # one shared key head, read in place; its first d_c columns are the values
+        latent = grouped_decode(q, key, key[..., : self.d_c], scale=self.scale)  # (B, T, H, d_c)
         return torch.einsum("bthc,hdc->bthd", latent, w_uv)
 
     @torch.no_grad()

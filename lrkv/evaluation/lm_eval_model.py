@@ -19,8 +19,9 @@ Conventions (those of lm-eval's HF model, plus one):
   `get_rolling_token_windows` with context_len 1), first token predicted from end-of-text.
 - generate_until: the prompt (with the end-of-text prefix, left-truncated to max_length - max_gen_toks)
   is decoded through the KV cache (`lrkv.evaluation.sample.decode`), batched over requests with equal
-  prompt length and equal generation settings; a row stops at end-of-text, at a stop string (checked
-  on the decoded text each step) or after max_gen_toks; the text is cut before the first stop string.
+  generation settings (prompts of different lengths share a batch); a row stops at end-of-text, at a
+  stop string (checked on the decoded text each step) or after max_gen_toks; the text is cut before the
+  first stop string.
 """
 
 from __future__ import annotations
@@ -205,14 +206,15 @@ class LrkvLM(TemplateLM):
                 ids = [self.eot_token_id] + ids
             ids = ids[-(self.max_length - max_gen) :]
             prepared.append((ids, until, max_gen, temperature, top_k, top_p))
-        groups = defaultdict(list)  # equal prompt length and settings decode together
-        for i, (ids, until, max_gen, temperature, top_k, top_p) in enumerate(prepared):
-            groups[(len(ids), tuple(until), max_gen, temperature, top_k, top_p)].append(i)
+        groups = defaultdict(list)  # equal settings decode together (prompts of any lengths share a batch)
+        for i, (_ids, until, max_gen, temperature, top_k, top_p) in enumerate(prepared):
+            groups[(tuple(until), max_gen, temperature, top_k, top_p)].append(i)
         outputs: list[str | None] = [None] * len(requests)
-        for (_, until, max_gen, temperature, top_k, top_p), members in groups.items():
+        for (until, max_gen, temperature, top_k, top_p), members in groups.items():
+            members.sort(key=lambda i: -len(prepared[i][0]))  # similar lengths together: fewer one-by-one prompt steps
             for start in range(0, len(members), self.batch_size):
                 rows = members[start : start + self.batch_size]
-                prompt = torch.tensor([prepared[i][0] for i in rows], device=self.device)
+                prompt = [torch.tensor(prepared[i][0], device=self.device) for i in rows]
 
                 def hit_stop(row, new, until=until):
                     return bool(until) and any(s in self.tok_decode(new) for s in until)

@@ -37,6 +37,8 @@ MODES: dict[str, Callable] = {}
 ALIASES: dict[str, dict[str, str]] = {
     "models": {"footprint": "models"},
     "context": {"footprint": "context"},
+    "memory_gib": {"footprint": "memory_gib"},
+    "hbm_tb_s": {"footprint": "hbm_tb_s"},
     "batch_size": {"loss": "batch_size", "lm_eval": "batch_size", "footprint": "batch_size", "compress": "batch_size"},
     "runs": {"compare": "runs", "diversity": "runs"},
     **{k: {"generate": k} for k in ("prompt", "prompts", "max_new_tokens", "temperature", "top_k", "top_p")},
@@ -159,7 +161,14 @@ def footprint(c: dict, out: Path):
     from lrkv.evaluation.footprint import footprint_table, report_footprint
 
     f = c["footprint"]
-    rows = footprint_table(f["models"], context=f["context"], batch_size=f["batch_size"], dtype=f["cache_dtype"])
+    rows = footprint_table(
+        f["models"],
+        context=f["context"],
+        batch_size=f["batch_size"],
+        dtype=f["cache_dtype"],
+        memory_gib=f.get("memory_gib"),
+        hbm_tb_s=f.get("hbm_tb_s") or 3.35,
+    )
     return rows, report_footprint(rows, out)
 
 

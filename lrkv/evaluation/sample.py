@@ -1,21 +1,20 @@
 """Sampling through the KV cache: prefill the prompt once, then one token per step.
 
-`decode` is `Transformer.generate` with two additions the evaluation needs: a per-step stop test
-(lm-eval's stop strings, checked on the decoded text) and timing (prefill vs decode tokens/s). It
-uses the same cache and the same `sample_next`, so greedy decoding gives exactly `model.generate`'s
-tokens (tests compare it with the cache-free reference `generate(use_cache=False)`).
+`decode` runs the project's one generation loop (`lrkv.generate.generate_batch`, which
+`Transformer.generate` runs too) with the two options the evaluation needs: a per-step stop test
+(lm-eval's stop strings, checked on the decoded text) and timing (prefill vs decode tokens/s), so
+greedy decoding gives exactly `model.generate`'s tokens.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from lrkv.errors import ConfigError
-from lrkv.generate import sample_next
+from lrkv.generate import generate_batch
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Decoded:
 @torch.no_grad()
 def decode(
     model,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | list[torch.Tensor],
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -51,46 +50,33 @@ def decode(
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
 ) -> Decoded:
-    """Continue equal-length prompts (B, T) through a KV cache.
+    """Continue prompts (B, T), or a list of 1-D prompts of different lengths, through one KV cache.
 
     A row stops at `stop_token` (not included in its output) or when `should_stop(row, new_tokens)`
     returns True (the tokens so far are kept; the caller trims stop strings). Decoding ends when
     every row stopped or after max_new_tokens.
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
+    if isinstance(prompt, (list, tuple)):  # prompts of different lengths: one batch (see generate_batch)
+        b, total = len(prompt), sum(int(p.numel()) for p in prompt)
+    elif prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ConfigError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
-    b, t = prompt.shape
-    max_len = model.cfg.max_seq_len
-    if t + max_new_tokens > max_len:
-        raise ConfigError(
-            f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={max_len}; "
-            "shorten the prompt or lower max_new_tokens"
-        )
-    out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=b * t, stopped=[False] * b)
-    if max_new_tokens <= 0:
-        return out
-    cache = model.new_cache(b, t + max_new_tokens, cache_dtype)
-    step_input = prompt
-    start = time.perf_counter()
-    for step in range(max_new_tokens):
-        logits = model(step_input, cache)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        if step == 0:
-            out.prefill_s = time.perf_counter() - start
-        out.steps += 1
-        for row, tok in enumerate(nxt.tolist()):
-            if out.stopped[row]:
-                continue
-            if stop_token is not None and tok == stop_token:
-                out.stopped[row] = True
-                continue
-            out.tokens[row].append(tok)
-            if should_stop is not None and should_stop(row, out.tokens[row]):
-                out.stopped[row] = True
-        if all(out.stopped):
-            break
-        step_input = nxt[:, None]
-    out.decode_s = time.perf_counter() - start - out.prefill_s
+    else:
+        b, total = prompt.shape[0], prompt.numel()
+    out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=total, stopped=[False] * b)
+    gen = generate_batch(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token=stop_token,
+        should_stop=should_stop,
+        generator=generator,
+        cache_dtype=cache_dtype,
+    )
+    out.tokens, out.stopped, out.steps = gen.new_tokens, gen.stopped, gen.steps
+    out.prefill_s, out.decode_s = gen.prefill_s, gen.decode_s
     return out
 
 
@@ -106,7 +92,7 @@ def generate_text(
     seed: int = 0,
     cache_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s."""
+    """Completions of text prompts (each `num_samples` times, all in one batch), with tokens/s."""
     from lrkv.io import require_tokenizer
 
     tok = require_tokenizer(pretrained, "generation")
@@ -117,36 +103,36 @@ def generate_text(
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    results, new_tokens, seconds = [], 0, 0.0
-    for prompt in prompts:
-        ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an end-of-text in training; "" = unconditional
-        budget = model.cfg.max_seq_len - max_new_tokens
-        if budget < 1:
-            raise ConfigError(
-                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
-            )
-        ids = ids[-budget:]
-        x = torch.tensor([ids] * num_samples, device=device)
-        dec = decode(
-            model,
-            x,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_token=tok.eos_id,
-            generator=generator,
-            cache_dtype=cache_dtype,
+    budget = model.cfg.max_seq_len - max_new_tokens
+    if budget < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
         )
-        new_tokens += dec.new_tokens
-        seconds += dec.prefill_s + dec.decode_s
+    # documents follow an end-of-text in training; "" = unconditional
+    encoded = [([tok.eos_id] + tok.encode(prompt))[-budget:] for prompt in prompts]
+    rows = [torch.tensor(ids, device=device) for ids in encoded for _ in range(num_samples)]
+    dec = decode(  # every prompt and sample in one batch (prompts of different lengths share it)
+        model,
+        rows,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token=tok.eos_id,
+        generator=generator,
+        cache_dtype=cache_dtype,
+    )
+    new_tokens, seconds = dec.new_tokens, dec.prefill_s + dec.decode_s
+    results = []
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        mine = dec.tokens[i * num_samples : (i + 1) * num_samples]
         results.append(
             {
                 "prompt": prompt,
                 "prompt_tokens": len(ids),
-                "completions": [tok.decode(t) for t in dec.tokens],
-                "new_tokens": dec.new_tokens,
-                "prefill_s": dec.prefill_s,
+                "completions": [tok.decode(t) for t in mine],
+                "new_tokens": sum(len(t) for t in mine),
+                "prefill_s": dec.prefill_s,  # the batch's, shared by all prompts
                 "decode_s": dec.decode_s,
                 "tokens_per_s": dec.tokens_per_s,
             }
