@@ -98,3 +98,40 @@ def test_quick_suite_records_every_phase(tmp_path):
     assert (out / "train_step.jsonl").exists() and (out / "decode.jsonl").exists()
     text = md.read_text()
     assert "framework_vs_bare" in text and result["environment"]["date"] in text and "(quick)" in text
+
+
+BLOCKER = """
+import sys
+from importlib.machinery import PathFinder
+
+ABSENT = {"datasets", "wandb", "lm_eval"}
+
+
+class _Absent(PathFinder):  # as if not installed: find_spec finds nothing, import raises ModuleNotFoundError
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in ABSENT else PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_Absent if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+@pytest.mark.slow
+def test_train_py_runs_without_datasets_wandb_and_lm_eval(tmp_path):
+    """The GPU image lacks datasets, wandb and lm-eval: the suite's train.py run must not import them."""
+    from train_helpers import run_script, tiny_overrides
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    check = subprocess.run(
+        [sys.executable, "-c", "import datasets"],
+        env={**suite.os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+    )
+    assert check.returncode != 0  # the blocker works
+    args = tiny_overrides(tmp_path / "out", tmp_path / "cache", model="lrkv_tiny", steps=2, **{"logger": "csv"})
+    result = run_script(args, tmp_path, PYTHONPATH=f"{site}{suite.os.pathsep}{ROOT}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "runs" / "run" / "summary.json").exists()
