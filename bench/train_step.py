@@ -17,8 +17,9 @@ same model, batch and kind of optimizer (MuonAdamW, the paper's split), in the s
 
 MFU = Transformer.flops_per_token(seq) x tokens/s / device bf16 peak (lrkv/training/monitor.py);
 --peak-flops sets the peak (e.g. on a CPU, where none is known). --layers overrides the preset's
-depth (same width). Both loops are timed over --iters steps after --warmup steps (rounded up to a multiple of --iters), synchronised only
-at the ends; --rounds alternates bare and framework runs and keeps each one's fastest.
+depth (same width). Both loops are timed over --iters steps after --warmup steps (rounded up to a
+multiple of --iters), synchronised only at the ends; --rounds alternates bare and framework runs and
+keeps each one's fastest.
 """
 
 from __future__ import annotations
