@@ -14,6 +14,7 @@ and projects the Newton-Schulz FLOPs per GPU of a large preset (default 6b3 on 8
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lrkv import Transformer, load_model_config
-from lrkv.training.optim import MuonAdamW, assign_owners, newton_schulz_flops, param_groups
+from lrkv.training.optim import MuonAdamW, assign_owners, newton_schulz_flops, param_groups, shard_rows
 
 try:
     from bench.common import print_table, record
@@ -111,14 +112,21 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def projected_ns_flops(kind: str, size: str, gpus: int, steps: int = 5) -> dict:
-    """Newton-Schulz FLOPs per optimizer step and GPU for a preset: every rank (gather) vs the busiest owner."""
+    """Per optimizer step and GPU for a preset under FSDP on `gpus` GPUs: Newton-Schulz FLOPs (gather: every
+    matrix on every rank; owner: the busiest rank's share) and bytes received for Muon (gather: fp32 updates
+    all-gathered; owner: bf16 shards to owners and result rows back, as on CUDA), from the shapes."""
     with torch.device("meta"):
         model = Transformer(load_model_config(f"{kind}_{size}"))
     shapes = [tuple(p.shape) for p in model.blocks.parameters() if p.dim() >= 2]
     flops = [newton_schulz_flops(s, steps) for s in shapes]
-    load = [0] * gpus
-    for f, owner in zip(flops, assign_owners(shapes, gpus, steps)):
+    owners = assign_owners(shapes, gpus, steps)
+    load, owner_bytes, gather_bytes = [0] * gpus, [0] * gpus, [0] * gpus
+    for shape, f, owner in zip(shapes, flops, owners):
         load[owner] += f
+        rows, inner = shard_rows(shape[0], gpus), math.prod(shape[1:])
+        for r in range(gpus):
+            gather_bytes[r] += (shape[0] - rows[r]) * inner * 4
+            owner_bytes[r] += ((shape[0] - rows[r]) if r == owner else rows[r]) * inner * 2
     return {
         "preset": f"{kind}_{size}",
         "gpus": gpus,
@@ -127,6 +135,8 @@ def projected_ns_flops(kind: str, size: str, gpus: int, steps: int = 5) -> dict:
         "ns_flops_per_gpu_owner_max": max(load),
         "ns_flops_per_gpu_owner_min": min(load),
         "reduction": sum(flops) / max(load),
+        "muon_GiB_per_gpu_gather": max(gather_bytes) / 2**30,
+        "muon_GiB_per_gpu_owner": max(owner_bytes) / 2**30,
     }
 
 
@@ -177,7 +187,8 @@ def main(argv=None) -> dict:
         print(f"\nprojected Newton-Schulz FLOPs per optimizer step and GPU ({args.gpus} GPUs):")
         print_table(
             projections,
-            ["preset", "matrices", "ns_flops_per_gpu_gather", "ns_flops_per_gpu_owner_max", "reduction"],
+            ["preset", "matrices", "ns_flops_per_gpu_gather", "ns_flops_per_gpu_owner_max", "reduction"]
+            + ["muon_GiB_per_gpu_gather", "muon_GiB_per_gpu_owner"],
         )
     settings = {**vars(args), "model": cfg.name, "n_layer": cfg.n_layer, "d_model": cfg.d_model}
     equality = {k: v for k, v in measured.items() if k.startswith("max_")}

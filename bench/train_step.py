@@ -17,8 +17,9 @@ same model, batch and kind of optimizer (MuonAdamW, the paper's split), in the s
 
 MFU = Transformer.flops_per_token(seq) x tokens/s / device bf16 peak (lrkv/training/monitor.py);
 --peak-flops sets the peak (e.g. on a CPU, where none is known). --layers overrides the preset's
-depth (same width). Both loops are timed over --iters steps after --warmup steps, synchronised only
-at the ends; --rounds alternates bare and framework runs and keeps each one's fastest.
+depth (same width). Both loops are timed over --iters steps after --warmup steps (rounded up to a
+multiple of --iters), synchronised only at the ends; --rounds alternates bare and framework runs and
+keeps each one's fastest.
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def warmup_steps(args) -> int:
+    """Warm-up steps of both loops: --warmup rounded up to a multiple of --iters (the framework's metrics rows
+    then end exactly at the timed window), the same for both so that neither is timed colder."""
+    return -(-max(args.warmup, 1) // args.iters) * args.iters
+
+
 def bare_loop(model, x, device, args) -> float:
     """Seconds per optimizer step of a plain training loop."""
     optimizer = build_optimizer(model, OPTIM)
@@ -88,7 +95,7 @@ def bare_loop(model, x, device, args) -> float:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-    return timed_loop(step, device, warmup=args.warmup, iters=args.iters)
+    return timed_loop(step, device, warmup=warmup_steps(args), iters=args.iters)
 
 
 class _StepTimer:
@@ -147,7 +154,7 @@ def framework_loop(model, x, device, args, peak: float | None) -> tuple[float, f
     from lrkv.training.module import LanguageModel
 
     iters = args.iters
-    warmup = -(-max(args.warmup, 1) // iters) * iters  # a multiple of iters: a metrics row ends at the timed window
+    warmup = warmup_steps(args)
     steps = warmup + iters
     module = LanguageModel(model=model.cfg.to_dict(), optim=OPTIM, total_steps=steps)
     module.model = model  # the same model object (compiled blocks included): configure_model keeps it

@@ -70,10 +70,11 @@ def test_mfu_formula():
 @pytest.mark.slow
 def test_quick_suite_records_every_phase(tmp_path):
     """`python -m bench.suite --quick`: a real train.py run whose loss falls, the train-step benchmark of every
-    kind with framework_vs_bare, the decode benchmark, records and a dated markdown section."""
+    kind with framework_vs_bare, the decode benchmark, records and a dated markdown section. A generous
+    --budget-s: speed is not what this checks, and a slow machine must not skip phases."""
     out, md = tmp_path / "results", tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.suite", "--quick", "--out", str(out), "--markdown", str(md)],
+        [sys.executable, "-m", "bench.suite", "--quick", "--budget-s", "900", "--out", str(out), "--markdown", str(md)],
         cwd=ROOT,
         env={**suite.os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"},
         capture_output=True,
@@ -110,3 +111,40 @@ def test_attention_only_decode_bench_measures_every_kind(one_thread):
     assert by["lrkv_decoupled"]["MB_read"] == by["lrkv"]["MB_read"]
     assert all(r["ms"] > 0 and r["GB_s"] > 0 for r in result["rows"])
     assert result["device"] and result["command"] and result["date"]
+
+
+BLOCKER = """
+import sys
+from importlib.machinery import PathFinder
+
+ABSENT = {"datasets", "wandb", "lm_eval"}
+
+
+class _Absent(PathFinder):  # as if not installed: find_spec finds nothing, import raises ModuleNotFoundError
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in ABSENT else PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_Absent if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+@pytest.mark.slow
+def test_train_py_runs_without_datasets_wandb_and_lm_eval(tmp_path):
+    """The GPU image lacks datasets, wandb and lm-eval: the suite's train.py run must not import them."""
+    from train_helpers import run_script, tiny_overrides
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    check = subprocess.run(
+        [sys.executable, "-c", "import datasets"],
+        env={**suite.os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+    )
+    assert check.returncode != 0  # the blocker works
+    args = tiny_overrides(tmp_path / "out", tmp_path / "cache", model="lrkv_tiny", steps=2, **{"logger": "csv"})
+    result = run_script(args, tmp_path, PYTHONPATH=f"{site}{suite.os.pathsep}{ROOT}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "runs" / "run" / "summary.json").exists()

@@ -92,3 +92,15 @@ def test_dry_run_plans_8_gpus_on_a_cpu_without_data(tmp_path):
     assert "accumulation 8 -> 524,288 tokens per optimizer step" in out and "strategy fsdp" in out
     assert "total" in out and "try train.activation_checkpointing=true" in out  # 6b3 at 4 x 2048 with 20 GiB
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data read
+
+
+@pytest.mark.slow
+def test_a_launch_over_the_device_memory_warns_before_training(tmp_path, capsys, one_thread):
+    from train_helpers import tiny_overrides, train_in_process
+
+    overrides = tiny_overrides(tmp_path / "out", tmp_path / "cache", steps=1, **{"train.device_memory_gib": 0.001})
+    train_in_process(overrides, tmp_path / "run")
+    out = capsys.readouterr().out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: memory plan:"))
+    assert "exceeds train.device_memory_gib=0.001; try " in warning
+    assert out.index("warning: memory plan:") < out.index(f"run {tmp_path / 'run'}")  # before the model is built
