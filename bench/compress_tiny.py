@@ -111,7 +111,8 @@ def main():
     print("layer rank   eigen_err   stief_err   eigen_cos  stief_cos")
     for r in results:
         print(
-            f"{r['layer']:5d} {r['rank']:4d}  {r['eigen']:.6f}   {r['stief']:.6f}   {r['eigen_cos']:.6f}   {r['stief_cos']:.6f}"
+            f"{r['layer']:5d} {r['rank']:4d}  {r['eigen']:.6f}   {r['stief']:.6f}   "
+            f"{r['eigen_cos']:.6f}   {r['stief_cos']:.6f}"
         )
     held_rows = held[: (len(held) // seq_len) * seq_len][: 32 * seq_len].view(-1, seq_len)
     with torch.no_grad():

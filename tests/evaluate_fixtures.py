@@ -165,4 +165,3 @@ def tiny_runs(base: str) -> dict[str, Path]:
         return {kind: train_run(root / str(i), kind, tok, train_loader, val_loader) for i, kind in enumerate(KINDS)}
     finally:
         torch.set_num_threads(threads)
-

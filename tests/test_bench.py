@@ -100,6 +100,7 @@ def test_quick_suite_records_every_phase(tmp_path):
     text = md.read_text()
     assert "framework_vs_bare" in text and result["environment"]["date"] in text and "(quick)" in text
 
+
 def test_attention_only_decode_bench_measures_every_kind(one_thread):
     result = decode.main(["--attention-only", "--tiny"])
     rows = {(r["kind"], r["batch"]): r for r in result["rows"]}

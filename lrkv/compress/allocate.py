@@ -52,7 +52,8 @@ class Allocation:
 def check_budget(budget) -> float:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ConfigError(
-            f"compress.budget={budget!r} is outside (0, 1]: it is the fraction of the original KV cache to keep, e.g. 0.6"
+            f"compress.budget={budget!r} is outside (0, 1]: "
+            "it is the fraction of the original KV cache to keep, e.g. 0.6"
         )
     return float(budget)
 
@@ -62,7 +63,8 @@ def check_feasible(budget: float, ranks: list[int], head_dim: int, n_layer: int)
     if 2 * n_layer * ranks[0] > math.floor(budget * 2 * n_layer * head_dim + 1e-9):
         raise ConfigError(
             f"compress.budget={budget} is below the smallest allocation the rank grid allows "
-            f"({ranks[0]}/{head_dim} = {ranks[0] / head_dim:.3f} of the cache); add smaller compress.rank_fractions or raise the budget"
+            f"({ranks[0]}/{head_dim} = {ranks[0] / head_dim:.3f} of the cache); "
+            "add smaller compress.rank_fractions or raise the budget"
         )
 
 

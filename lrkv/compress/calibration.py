@@ -85,7 +85,8 @@ def calibrate(model, batches: Iterable, max_tokens: int = 128 * 2048, chunk_rows
     cfg = model.cfg
     if tokens.shape[1] > cfg.max_seq_len:
         raise DataError(
-            f"calibration seq_len {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}; lower compress.calib.seq_len"
+            f"calibration seq_len {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}; "
+            "lower compress.calib.seq_len"
         )
     if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
         raise DataError(
