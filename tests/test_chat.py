@@ -18,6 +18,7 @@ from lrkv.data.chat import (
     chat_tokens,
     gsm8k_messages,
     mmlu_messages,
+    prompt_ids,
     render,
 )
 from lrkv.data.corpus import embedded_documents
@@ -209,3 +210,40 @@ def test_midtrain_tiny_trains_from_a_pretrained_run_and_its_loss_falls(runs, tmp
     trained = load_pretrained(str(tmp_path / "run"))
     assert chat_ids(trained.tokenizer)[ASSISTANT_END] == 515  # the run's tokenizer holds the chat tokens
     assert trained.model.cfg.vocab_size == 640  # 516 ids padded to a multiple of 128
+
+    # mode=generate chat=true: the prompt in the template, greedy, stops at <|assistant_end|>
+    out = evaluate(
+        tmp_path / "gen",
+        "mode=generate",
+        f"ckpt={tmp_path / 'run'}",
+        "chat=true",
+        "prompt=What is 3 plus 4?",
+        "temperature=0",
+        "max_new_tokens=20",
+    )
+    tok, model = trained.tokenizer, trained.model
+    ids = [tok.eos_id] + prompt_ids("What is 3 plus 4?", tok)
+    assert tok.decode(ids[1:]) == "<|user_start|>What is 3 plus 4?<|user_end|><|assistant_start|>"
+    end = chat_ids(tok)[ASSISTANT_END]
+    ref = model.generate(torch.tensor(ids), 20, use_cache=False)[len(ids) :].tolist()
+    ref = ref[: ref.index(end)] if end in ref else ref
+    (sample,) = out["result"]["samples"]
+    assert sample["completions"] == [tok.decode(ref)] and sample["prompt_tokens"] == len(ids)
+    print("chat completion:", sample["completions"])
+
+
+def evaluate(out_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+    from train_helpers import CONFIGS
+
+    from lrkv.evaluation.modes import run
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("evaluate", overrides=list(overrides))
+    return run(cfg, out_dir, echo=False)
+
+
+def test_chat_generation_needs_a_chat_model(runs, tmp_path):
+    with pytest.raises(LrkvError, match="generate.chat=true needs a chat model") as err:
+        evaluate(tmp_path, "mode=generate", f"ckpt={runs['mha']}", "chat=true", "prompt=Hi", "max_new_tokens=4")
+    assert "\n" not in str(err.value)

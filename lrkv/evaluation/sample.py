@@ -105,8 +105,12 @@ def generate_text(
     num_samples: int = 1,
     seed: int = 0,
     cache_dtype: torch.dtype | None = None,
+    chat: bool = False,
 ) -> dict:
-    """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s."""
+    """Completions of text prompts (each `num_samples` times, batched per prompt), with tokens/s.
+
+    chat=True (a chat mid-trained model, lrkv/data/chat.py): each prompt is a user turn in the chat
+    template, followed by <|assistant_start|>; generation stops at <|assistant_end|> (not included)."""
     from lrkv.io import require_tokenizer
 
     tok = require_tokenizer(pretrained, "generation")
@@ -118,8 +122,19 @@ def generate_text(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     results, new_tokens, seconds = [], 0, 0.0
+    stop = tok.eos_id
+    if chat:
+        from lrkv.data.chat import ASSISTANT_END, CHAT_TOKENS, chat_ids, prompt_ids
+
+        if tok.backend.token_to_id(ASSISTANT_END) is None:
+            raise ConfigError(
+                f"generate.chat=true needs a chat model: its tokenizer has no {', '.join(CHAT_TOKENS)} "
+                "(train it with data=chat, docs/post-training.md)"
+            )
+        stop = chat_ids(tok)[ASSISTANT_END]
     for prompt in prompts:
-        ids = [tok.eos_id] + tok.encode(prompt)  # documents follow an end-of-text in training; "" = unconditional
+        # documents (and conversations) follow an end-of-text in training; "" = unconditional
+        ids = [tok.eos_id] + (prompt_ids(prompt, tok) if chat else tok.encode(prompt))
         budget = model.cfg.max_seq_len - max_new_tokens
         if budget < 1:
             raise ConfigError(
@@ -134,7 +149,7 @@ def generate_text(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            stop_token=tok.eos_id,
+            stop_token=stop,
             generator=generator,
             cache_dtype=cache_dtype,
         )
@@ -163,6 +178,7 @@ def generate_text(
             "top_p": top_p,
             "num_samples": num_samples,
             "seed": seed,
+            "chat": chat,
         },
     }
 
