@@ -247,3 +247,24 @@ def test_chat_generation_needs_a_chat_model(runs, tmp_path):
     with pytest.raises(LrkvError, match="generate.chat=true needs a chat model") as err:
         evaluate(tmp_path, "mode=generate", f"ckpt={runs['mha']}", "chat=true", "prompt=Hi", "max_new_tokens=4")
     assert "\n" not in str(err.value)
+
+
+def test_a_mixture_takes_chat_sources_with_their_masks(tmp_path):
+    from lrkv.data.datamodule import LMDataModule
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in conversations(300)))
+    tok_path = base_tokenizer().save(str(tmp_path))
+    sources = [
+        {"name": "chat", "source": str(path), "weight": 0.5, "format": "chat"},
+        {"name": "text", "source": "embedded:topics", "weight": 0.5},
+    ]
+    dm = LMDataModule("mixture", sources=sources, tokenizer=tok_path, seq_len=32, batch_size=8, rank=0, world_size=1)
+    dm.setup()
+    assert dm.tokenizer.vocab_size == 304  # 300 + the chat tokens
+    batch = next(iter(dm.train_dataloader()))
+    masked = (batch["target"] == -1).any(1)
+    assert masked.any() and not masked.all()  # chat rows carry masks, text rows do not
+    assert (batch["input"] >= 0).all() and int(batch["input"].max()) < 304
+    with pytest.raises(LrkvError, match="needs the pretrained model's tokenizer"):
+        LMDataModule("mixture", sources=sources, seq_len=32).load_tokenizer()

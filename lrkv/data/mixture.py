@@ -121,6 +121,8 @@ def parse_sources(sources, *, val_fraction: float = 0.05, split_seed: int = 0) -
         fmt = entry.get("format", "text")
         if fmt not in FORMATS:
             raise ConfigError(f"{where} ({name}): format={fmt!r} is unknown; use {', '.join(FORMATS)}")
+        if fmt != "text" and source_kind(str(entry["source"])) == "embedded":
+            raise ConfigError(f"{where} ({name}): format={fmt} needs conversations; the embedded corpus is plain text")
         spec = SourceSpec(**{**entry, "name": name, "weight": float(weight), "source": str(entry["source"])})
         try:
             spec.corpus(val_fraction, split_seed)  # CorpusSpec's own checks
