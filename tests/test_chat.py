@@ -230,6 +230,9 @@ def test_midtrain_tiny_trains_from_a_pretrained_run_and_its_loss_falls(runs, tmp
     (sample,) = out["result"]["samples"]
     assert sample["completions"] == [tok.decode(ref)] and sample["prompt_tokens"] == len(ids)
     print("chat completion:", sample["completions"])
+    # evaluate.py's held-out loss of a chat run scores the assistant tokens, as the run's validation did
+    scored = evaluate(tmp_path / "loss", f"ckpt={tmp_path / 'run'}")
+    assert scored["mode"] == "loss" and math.isclose(scored["result"]["loss"], summary["final_val_loss"], rel_tol=1e-4)
 
 
 def evaluate(out_dir, *overrides):

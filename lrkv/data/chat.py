@@ -196,8 +196,9 @@ def conversation_documents(
 
 
 def chat_tokens(rows: Iterable[dict], tokenizer, *, fmt="chat", max_tokens=None, shuffle_documents=False, seed=0):
-    """An ``InMemoryTokens`` of masked conversations (the end-of-text id after each is not a target)."""
+    """An ``InMemoryTokens`` of masked conversations (int32: signed, for the ~id marks); the end-of-text id
+    after each conversation is not a target."""
     from lrkv.data.loader import InMemoryTokens
 
     docs = conversation_documents(rows, tokenizer, fmt, max_tokens)
-    return InMemoryTokens(docs, ~tokenizer.eos_id, shuffle_documents=shuffle_documents, seed=seed, dtype=np.int64)
+    return InMemoryTokens(docs, ~tokenizer.eos_id, shuffle_documents=shuffle_documents, seed=seed, dtype=np.int32)
