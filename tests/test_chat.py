@@ -271,3 +271,31 @@ def test_a_mixture_takes_chat_sources_with_their_masks(tmp_path):
     assert (batch["input"] >= 0).all() and int(batch["input"].max()) < 304
     with pytest.raises(LrkvError, match="needs the pretrained model's tokenizer"):
         LMDataModule("mixture", sources=sources, seq_len=32).load_tokenizer()
+
+
+def test_chat_data_resumes_exactly(tmp_path):
+    from lrkv.data.datamodule import LMDataModule
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in conversations(200)))
+    tok_path = base_tokenizer().save(str(tmp_path))
+
+    def module():
+        dm = LMDataModule(str(path), format="chat", tokenizer=tok_path, seq_len=16, batch_size=4, rank=0, world_size=1)
+        dm.setup()
+        return dm
+
+    first = module()
+    batches = []
+    for batch in first.train_dataloader():
+        first.on_before_batch_transfer(batch, 0)
+        batches.append(batch)
+        if len(batches) == 5:
+            break
+    state = first.state_dict()
+    second = module()
+    second.load_state_dict(state)
+    resumed = next(iter(second.train_dataloader()))
+    reference = [b for _, b in zip(range(6), module().train_dataloader())][5]
+    assert all(torch.equal(resumed[k], reference[k]) for k in ("input", "target"))
+    assert (reference["target"] == -1).any() and (reference["target"] >= 0).any()
