@@ -155,9 +155,17 @@ class Transformer(nn.Module):
         return self.logits(self.hidden(tokens, cache, positions))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy (nats) of next-token targets (B, T); target -1 is ignored."""
+        """Cross-entropy (nats) of next-token targets (B, T); target -1 is ignored.
+
+        The mean is over the targets that are not ignored; a batch with none (a chat window with no
+        assistant token) gives 0 and zero gradients instead of NaN.
+        """
         logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        flat = targets.flatten()
+        if reduction != "mean":
+            return F.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-1, reduction=reduction)
+        total = F.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-1, reduction="sum")
+        return total / (flat >= 0).sum().clamp_min(1)
 
     # ---- KV cache and generation ------------------------------------------------------------
     def new_cache(

@@ -53,6 +53,8 @@ def test_every_group_option_composes(group):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(experiment):
     extra = ["tokenizer.path=/models/gpt2"] if experiment.startswith("paper") else []
+    if experiment == "midtrain_tiny":  # data=chat: the conversations are given on the command line
+        extra.append("data.source=conversations.jsonl")
     if experiment == "paper":  # the shared recipe of paper_<size>, used with a model chosen on the command line
         extra.append("model=lrkv_1b")
     cfg = resolve(compose_train([f"experiment={experiment}", *extra]))
@@ -65,6 +67,14 @@ def test_every_experiment_composes(experiment):
         assert cfg["train"]["max_tokens"] == (100e9 if size == "128m" else 50e9)
         accumulate, tokens, steps = batch_plan(cfg["train"], cfg["data"]["batch_size"], cfg["data"]["seq_len"], 8)
         assert (accumulate, tokens) == (1, 262144) and steps == -(-int(cfg["train"]["max_tokens"]) // 262144)
+    elif experiment == "midtrain_128m":  # the paper's mid-training mix (docs/post-training.md)
+        from lrkv.data.mixture import parse_sources
+
+        specs = parse_sources(cfg["data"]["sources"], val_fraction=0.05, split_seed=0)
+        assert [(s.format, s.weight) for s in specs] == [("chat", 460), ("mmlu", 100), ("gsm8k", 8)]
+        assert model.name == "lrkv_128m" and cfg["optim"]["warmup_steps"] == 0
+    elif experiment == "midtrain_tiny":
+        assert cfg["data"]["format"] == "chat" and cfg["data"]["source"] == "conversations.jsonl"
     else:
         assert str(cfg["hydra"]["mode"]).endswith("MULTIRUN") and cfg["hydra"]["sweeper"]["params"]
 

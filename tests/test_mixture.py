@@ -121,7 +121,8 @@ def test_zero_weight_sources_are_validated_but_never_drawn(files, tokenizer):
         ([{"name": "a", "source": "embedded:nope", "weight": 1}], ConfigError, "embedded part 'nope' is unknown"),
         ([{"name": "a", "source": "/no/such/file.jsonl", "weight": 1}], DataError, r"\(a\): data path .* does not"),
         ([{"name": "a b", "source": "embedded", "weight": 1}], ConfigError, "must be letters"),
-        ([{"name": "a", "source": "embedded", "weight": 1, "format": "chat"}], ConfigError, "use format=text"),
+        ([{"name": "a", "source": "embedded", "weight": 1, "format": "chat"}], ConfigError, "needs conversations"),
+        ([{"name": "a", "source": "embedded", "weight": 1, "format": "chatml"}], ConfigError, "'chatml' is unknown"),
         (
             [{"name": "a", "source": "embedded", "weight": 1}, {"name": "a", "source": "embedded", "weight": 1}],
             ConfigError,

@@ -89,11 +89,19 @@ class LMDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         sources: list | None = None,
+        format: str = "text",
     ):
         super().__init__()
         self.save_hyperparameters()
         if storage not in STORAGES:
             raise ConfigError(f"storage={storage!r} is unknown: use 'memory', 'shards' or 'stream'")
+        if format != "text":  # data=chat (lrkv/data/chat.py): conversations, assistant-only loss
+            from lrkv.data.chat import FORMATS
+
+            if format not in FORMATS:
+                raise ConfigError(f"data.format={format!r} is unknown: use text, {', '.join(FORMATS)}")
+            if storage != "memory" or is_mixture(source, sources):
+                raise ConfigError(f"data.format={format} supports data.storage=memory and a single source only")
         self.mixture = None  # data=mixture (lrkv/data/mixture.py): several sources drawn by weight
         if is_mixture(source, sources):
             if storage != "memory":
@@ -286,8 +294,13 @@ class LMDataModule(L.LightningDataModule):
         """The tokenizer of this data config: loaded, or trained once and cached (cheap on a cache hit)."""
         hp = self.hparams
         if hp.tokenizer != "bpe":
-            return Tokenizer.load(hp.tokenizer)
+            return self._with_chat_tokens(Tokenizer.load(hp.tokenizer))
         mixture = self.mixture
+        if self.is_chat:
+            raise ConfigError(
+                "data.format=chat needs the pretrained model's tokenizer: set train.init_from=RUN "
+                "or tokenizer=file tokenizer.path=TOKENIZER.json"
+            )
         return load_or_train_bpe(
             (lambda: mixture.documents("train")) if mixture else (lambda: iter_documents(self.spec, "train")),
             vocab_size=hp.vocab_size,
@@ -295,6 +308,20 @@ class LMDataModule(L.LightningDataModule):
             corpus_key=mixture.key() if mixture else corpus_key(self.spec),
             max_chars=hp.tokenizer_max_chars,
         )
+
+    @property
+    def is_chat(self) -> bool:
+        """Conversations (data=chat, or a mixture with a chat-format source): chat tokens, masked loss."""
+        if self.mixture is not None:
+            return any(spec.format != "text" for spec in self.mixture.specs)
+        return self.hparams.format != "text"
+
+    def _with_chat_tokens(self, tokenizer: Tokenizer) -> Tokenizer:
+        if not self.is_chat:
+            return tokenizer
+        from lrkv.data.chat import add_chat_tokens
+
+        return add_chat_tokens(tokenizer)
 
     def metric_columns(self) -> list[str]:
         """Extra metrics.csv columns (data=mixture: tokens/<name>, val_loss/<name>, val_bpb/<name>)."""
@@ -322,6 +349,13 @@ class LMDataModule(L.LightningDataModule):
     def _token_source(self, split: str, tokenizer: Tokenizer):
         hp = self.hparams
         max_tokens = hp.max_tokens if split == "train" else hp.val_max_tokens
+        if hp.format != "text":
+            from lrkv.data.chat import chat_tokens, iter_rows
+
+            rows = iter_rows(self.spec, split)
+            return chat_tokens(
+                rows, tokenizer, fmt=hp.format, max_tokens=max_tokens, shuffle_documents=split == "train", seed=hp.seed
+            )
         texts = lambda: iter_documents(self.spec, split)  # noqa: E731
         if hp.storage == "memory" or (hp.storage == "stream" and split == "val"):
             return InMemoryTokens.from_texts(

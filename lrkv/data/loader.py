@@ -287,6 +287,14 @@ class BatchLoader:
 
     def _batch(self, rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = np.stack([self._read_window(p) for p in rows]).astype(np.int64)
+        if windows.min(initial=0) < 0:  # masked chat data (lrkv/data/chat.py): ~id marks a non-target token
+            from lrkv.data.chat import decode_windows
+
+            inputs, targets = decode_windows(windows)
+            batch = {"input": torch.from_numpy(inputs.copy()), "target": torch.from_numpy(targets.copy())}
+            if self.token_bytes is not None:
+                batch["bytes"] = torch.from_numpy((self.token_bytes[np.maximum(targets, 0)] * (targets >= 0)).sum(1))
+            return batch
         batch = {"input": torch.from_numpy(windows[:, :-1].copy()), "target": torch.from_numpy(windows[:, 1:].copy())}
         if self.token_bytes is not None:
             batch["bytes"] = torch.from_numpy(self.token_bytes[windows[:, 1:]].sum(axis=1))

@@ -51,7 +51,7 @@ MIXTURE = "mixture"
 BLOCK = 4096  # rows drawn per generator: row g's source comes from rng(seed, g // BLOCK)
 _STATE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-FORMATS = ("text",)
+FORMATS = ("text", "chat", "mmlu", "gsm8k")  # chat formats: lrkv/data/chat.py (assistant-only loss)
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,9 @@ def parse_sources(sources, *, val_fraction: float = 0.05, split_seed: int = 0) -
             raise ConfigError(f"{where} ({name}) has weight {weight!r}; weights must be finite numbers >= 0")
         fmt = entry.get("format", "text")
         if fmt not in FORMATS:
-            raise ConfigError(f"{where} ({name}): format={fmt!r} is not supported by data=mixture; use format=text")
+            raise ConfigError(f"{where} ({name}): format={fmt!r} is unknown; use {', '.join(FORMATS)}")
+        if fmt != "text" and source_kind(str(entry["source"])) == "embedded":
+            raise ConfigError(f"{where} ({name}): format={fmt} needs conversations; the embedded corpus is plain text")
         spec = SourceSpec(**{**entry, "name": name, "weight": float(weight), "source": str(entry["source"])})
         try:
             spec.corpus(val_fraction, split_seed)  # CorpusSpec's own checks
@@ -179,9 +181,7 @@ class Mixture:
         loaders = []
         for i, (spec, corpus) in enumerate(zip(self.specs, self.corpora)):
             s = source_seed(seed, i)
-            tokens = InMemoryTokens.from_texts(
-                iter_documents(corpus, "train"), tokenizer, max_tokens=spec.max_tokens, shuffle_documents=True, seed=s
-            )
+            tokens = _tokens(spec, corpus, "train", tokenizer, spec.max_tokens, shuffle=True, seed=s)
             if spec.weight == 0 and tokens.num_tokens() < seq_len + 1:
                 tokens = None  # a validation-only source needs no training windows
             loaders.append(
@@ -203,7 +203,7 @@ class Mixture:
     ) -> MixtureValLoader:
         loaders = []
         for spec, corpus in zip(self.specs, self.corpora):
-            tokens = InMemoryTokens.from_texts(iter_documents(corpus, "val"), tokenizer, max_tokens=spec.val_max_tokens)
+            tokens = _tokens(spec, corpus, "val", tokenizer, spec.val_max_tokens)
             loaders.append(
                 _checked(
                     spec,
@@ -398,3 +398,15 @@ def metric_columns(names: list[str]) -> list[str]:
 
 def describe(specs: list[SourceSpec]) -> list[dict]:
     return [asdict(s) for s in specs]
+
+
+def _tokens(spec: SourceSpec, corpus: CorpusSpec, split: str, tokenizer, max_tokens, shuffle=False, seed=0):
+    """One source's tokens of a split: documents (format text) or masked conversations (lrkv/data/chat.py)."""
+    if spec.format == "text":
+        return InMemoryTokens.from_texts(
+            iter_documents(corpus, split), tokenizer, max_tokens=max_tokens, shuffle_documents=shuffle, seed=seed
+        )
+    from lrkv.data.chat import chat_tokens, iter_rows
+
+    rows = iter_rows(corpus, split)
+    return chat_tokens(rows, tokenizer, fmt=spec.format, max_tokens=max_tokens, shuffle_documents=shuffle, seed=seed)

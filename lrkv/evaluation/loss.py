@@ -148,7 +148,13 @@ def heldout_batches(
         batch_size = batch_size or flat.get("batch_size") or 8
         max_tokens = max_tokens if max_tokens is not None else flat.get("max_tokens")
     token_bytes = token_byte_lengths(tokenizer)
-    source = InMemoryTokens.from_texts(iter_documents(spec, split), tokenizer, max_tokens=max_tokens)
+    fmt = flat.get("format") or "text"
+    if fmt != "text":  # a chat run (data=chat): assistant tokens only, as its validation (lrkv/data/chat.py)
+        from lrkv.data.chat import chat_tokens, iter_rows
+
+        source = chat_tokens(iter_rows(spec, split), tokenizer, fmt=fmt, max_tokens=max_tokens)
+    else:
+        source = InMemoryTokens.from_texts(iter_documents(spec, split), tokenizer, max_tokens=max_tokens)
     loader = BatchLoader(
         source,
         seq_len=seq_len,
@@ -160,6 +166,7 @@ def heldout_batches(
     )
     settings = {
         "source": spec.source,
+        "format": fmt,
         "split": split,
         "seq_len": seq_len,
         "batch_size": int(batch_size),

@@ -17,7 +17,7 @@ with `loss.*` and `lm_eval.tasks`). A mode function takes the plain config dict 
 folder and returns (result, printable text).
 
 Short forms (`ALIASES`): the top-level keys models, context, batch_size, runs, prompt, prompts,
-max_new_tokens, temperature, top_k, top_p, num_samples, out, to, rank and overwrite set the
+max_new_tokens, temperature, top_k, top_p, num_samples, chat, out, to, rank and overwrite set the
 selected mode's own option (`batch_size=4` with mode=loss is `loss.batch_size=4`); one that the mode
 does not have is an error. Without `mode=`, the commands of earlier versions still pick a mode:
 compress=... -> compress; with ckpt: lm_eval.tasks -> lm_eval, a prompt -> generate, else loss;
@@ -43,6 +43,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "runs": {"compare": "runs", "diversity": "runs"},
     **{k: {"generate": k} for k in ("prompt", "prompts", "max_new_tokens", "temperature", "top_k", "top_p")},
     "num_samples": {"generate": "num_samples"},
+    "chat": {"generate": "chat"},
     "out": {"export": "out", "convert": "out"},
     "overwrite": {"export": "overwrite", "convert": "overwrite"},
     "to": {"convert": "to"},
@@ -221,6 +222,7 @@ def generate(c: dict, out: Path):
         num_samples=g["num_samples"],
         seed=c["seed"],
         cache_dtype=parse_dtype(c["dtype"]),
+        chat=bool(g.get("chat", False)),
     )
     write_json(out / "samples.json", result)
     return result, report_samples(result)

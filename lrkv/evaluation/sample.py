@@ -91,8 +91,12 @@ def generate_text(
     num_samples: int = 1,
     seed: int = 0,
     cache_dtype: torch.dtype | None = None,
+    chat: bool = False,
 ) -> dict:
-    """Completions of text prompts (each `num_samples` times, all in one batch), with tokens/s."""
+    """Completions of text prompts (each `num_samples` times, all in one batch), with tokens/s.
+
+    chat=True (a chat mid-trained model, lrkv/data/chat.py): each prompt is a user turn in the chat
+    template, followed by <|assistant_start|>; generation stops at <|assistant_end|> (not included)."""
     from lrkv.io import require_tokenizer
 
     tok = require_tokenizer(pretrained, "generation")
@@ -108,8 +112,22 @@ def generate_text(
         raise ConfigError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
         )
-    # documents follow an end-of-text in training; "" = unconditional
-    encoded = [([tok.eos_id] + tok.encode(prompt))[-budget:] for prompt in prompts]
+    stop, encode = tok.eos_id, tok.encode
+    if chat:
+        from lrkv.data.chat import ASSISTANT_END, CHAT_TOKENS, chat_ids, prompt_ids
+
+        if tok.backend.token_to_id(ASSISTANT_END) is None:
+            raise ConfigError(
+                f"generate.chat=true needs a chat model: its tokenizer has no {', '.join(CHAT_TOKENS)} "
+                "(train it with data=chat, docs/post-training.md)"
+            )
+        stop = chat_ids(tok)[ASSISTANT_END]
+
+        def encode(prompt):
+            return prompt_ids(prompt, tok)
+
+    # documents (and conversations) follow an end-of-text in training; "" = unconditional
+    encoded = [([tok.eos_id] + encode(prompt))[-budget:] for prompt in prompts]
     rows = [torch.tensor(ids, device=device) for ids in encoded for _ in range(num_samples)]
     dec = decode(  # every prompt and sample in one batch (prompts of different lengths share it)
         model,
@@ -118,7 +136,7 @@ def generate_text(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        stop_token=tok.eos_id,
+        stop_token=stop,
         generator=generator,
         cache_dtype=cache_dtype,
     )
@@ -149,6 +167,7 @@ def generate_text(
             "top_p": top_p,
             "num_samples": num_samples,
             "seed": seed,
+            "chat": chat,
         },
     }
 

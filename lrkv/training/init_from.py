@@ -50,6 +50,8 @@ def check_compatible(source: ModelConfig, ours: ModelConfig, where: str) -> None
     theirs, mine = source.to_dict(), ours.to_dict()
     for key in theirs:
         if key not in IGNORED and theirs[key] != mine.get(key):
+            if key == "vocab_size" and theirs[key] < mine.get(key, 0):
+                continue  # the tokenizer grew (chat tokens): grow_vocab gives the new ids rows
             if key == "vocab_size":
                 raise CheckpointError(
                     f"train.init_from={where} has vocab_size {theirs[key]}, this run {mine.get(key)}; train with the "
@@ -59,6 +61,31 @@ def check_compatible(source: ModelConfig, ours: ModelConfig, where: str) -> None
                 f"train.init_from={where} has model.{key}={theirs[key]!r}, this run has {mine.get(key)!r}; "
                 f"set model.{key}={theirs[key]} (the source is a {source.attention} model: {source.name})"
             )
+
+
+VOCAB_KEYS = ("embed.weight", "lm_head.weight")
+
+
+@torch.no_grad()
+def grow_vocab(state: dict[str, torch.Tensor], vocab_size: int, known: int) -> dict[str, torch.Tensor]:
+    """The source's weights for a model of ``vocab_size`` ids whose tokenizer added ids from ``known`` on.
+
+    The embedding and LM head rows of ids < ``known`` (the source tokenizer's tokens) are kept; every
+    row from ``known`` on (new special tokens and padding, including padding rows the source had) is the
+    mean of the known rows: a new token starts as an "average" token, and its logit is the mean of the
+    known tokens' logits. Logits of known tokens on known inputs are unchanged."""
+    out = dict(state)
+    for key in VOCAB_KEYS:
+        weight = state.get(key)
+        if weight is None or (weight.shape[0] == vocab_size and known >= vocab_size):
+            continue
+        if known > weight.shape[0]:
+            raise CheckpointError(f"{key} has {weight.shape[0]} rows for a tokenizer of {known} ids")
+        mean = weight[:known].float().mean(0).to(weight.dtype)
+        grown = mean.expand(vocab_size, -1).clone()
+        grown[:known] = weight[:known]
+        out[key] = grown
+    return out
 
 
 class InitFrom(L.Callback):

@@ -261,7 +261,14 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
 
         check_compatible(init.model.cfg, model_cfg, str(train_cfg["init_from"]))
         if ckpt is None:  # resuming: the checkpoint's weights win
-            extra_callbacks = [InitFrom(init.model.state_dict(), str(init.path)), *(extra_callbacks or [])]
+            state = init.model.state_dict()
+            if tokenizer.vocab_size > (
+                known := init.tokenizer.vocab_size if init.tokenizer else init.model.cfg.vocab_size
+            ):
+                from lrkv.training.init_from import grow_vocab  # data=chat added tokens: new rows = mean of old
+
+                state = grow_vocab(state, model_cfg.vocab_size, known)
+            extra_callbacks = [InitFrom(state, str(init.path)), *(extra_callbacks or [])]
 
     module = LanguageModel(
         model=model_cfg.to_dict(),
