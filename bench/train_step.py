@@ -152,6 +152,7 @@ def framework_loop(model, x, device, args, peak: float | None) -> tuple[float, f
 
     from lrkv.training.checkpointing import GracefulStop, PeriodicCheckpoint
     from lrkv.training.module import LanguageModel
+    from lrkv.training.step import StepEnd
 
     iters = args.iters
     warmup = warmup_steps(args)
@@ -174,6 +175,8 @@ def framework_loop(model, x, device, args, peak: float | None) -> tuple[float, f
         )
         checkpoint = PeriodicCheckpoint(f"{run_dir}/checkpoints", every_n_steps=0)
         checkpoint.last_saved_step = steps  # no checkpoint at the end: the run is a throwaway
+        stop = GracefulStop(checkpoint)
+        step_end = StepEnd(monitor, checkpoint, stop, val_every=0, has_validation=False)  # as train.py orders a step
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
@@ -182,7 +185,7 @@ def framework_loop(model, x, device, args, peak: float | None) -> tuple[float, f
             limit_val_batches=0,
             num_sanity_val_steps=0,
             logger=False,
-            callbacks=[monitor, checkpoint, GracefulStop(checkpoint), timer.callback],
+            callbacks=[step_end, monitor, checkpoint, stop, timer.callback],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,

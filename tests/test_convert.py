@@ -44,7 +44,12 @@ def test_everything_but_the_kv_projections_is_copied():
     same = [k for k in theirs if ".wk." not in k and ".wv." not in k]
     assert same and all(torch.equal(ours[k], theirs[k]) for k in same)
     fields = {k: v for k, v in source.cfg.to_dict().items() if k not in ("name", "attention", "kv_heads", "rank")}
-    assert {k: converted.cfg.to_dict()[k] for k in fields} == {**fields, "residual_init": 0.1, "lrkv_impl": "factored"}
+    assert {k: converted.cfg.to_dict()[k] for k in fields} == {
+        **fields,
+        "residual_init": 0.1,
+        "lrkv_impl": "factored",
+        "residual_rope": True,
+    }
     assert converted.cfg.kv_cache_elements_per_token() == 2 * (2 * 16 + 2 * 4 * 4)
 
 

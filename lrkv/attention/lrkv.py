@@ -251,9 +251,12 @@ class LowRankKVAttention(Attention):
                 k = self.k_norm(k)
             cos, sin = table[start:end, :half].to(dt), table[start:end, half:].to(dt)
             k1, k2 = k[..., :half], k[..., half:]
-            rot = torch.empty_like(k)
-            torch.mul(k1, cos, out=rot[..., :half]).addcmul_(k2, sin, value=-1)
-            torch.mul(k2, cos, out=rot[..., half:]).addcmul_(k1, sin)
+            if torch.is_grad_enabled():  # out= has no autograd; decoding is normally under no_grad
+                rot = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+            else:
+                rot = torch.empty_like(k)
+                torch.mul(k1, cos, out=rot[..., :half]).addcmul_(k2, sin, value=-1)
+                torch.mul(k2, cos, out=rot[..., half:]).addcmul_(k1, sin)
             s = torch.matmul(qf, rot.transpose(-1, -2))  # (B, H, Tq, C)
             if scalar_norm:
                 s = s * inv[:, :, None, :]

@@ -133,13 +133,6 @@ def masked_document(ids: Sequence[int], mask: Sequence[int]) -> np.ndarray:
     return np.where(np.asarray(mask, dtype=bool), arr, ~arr)
 
 
-def decode_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, seq_len + 1) stored windows -> inputs (ids) and targets (-1 where not a training target)."""
-    ids = np.where(windows < 0, ~windows, windows)
-    targets = np.where(windows[:, 1:] < 0, -1, windows[:, 1:])
-    return ids[:, :-1], targets
-
-
 # ------------------------------------------------------------------ reading conversations
 
 

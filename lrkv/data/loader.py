@@ -288,8 +288,6 @@ class BatchLoader:
     def _batch(self, rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         windows = np.stack([self._read_window(p) for p in rows]).astype(np.int64)
         if windows.min(initial=0) < 0:  # masked chat data (lrkv/data/chat.py): ~id marks a non-target token
-            from lrkv.data.chat import decode_windows
-
             inputs, targets = decode_windows(windows)
             batch = {"input": torch.from_numpy(inputs.copy()), "target": torch.from_numpy(targets.copy())}
             if self.token_bytes is not None:
@@ -339,3 +337,10 @@ def _check_seed(seed: int) -> int:
     if seed < 0:
         raise ConfigError(f"seed={seed} must be >= 0")
     return int(seed)
+
+
+def decode_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, seq_len + 1) stored windows -> inputs (ids) and targets (-1 where not a training target)."""
+    ids = np.where(windows < 0, ~windows, windows)
+    targets = np.where(windows[:, 1:] < 0, -1, windows[:, 1:])
+    return ids[:, :-1], targets
