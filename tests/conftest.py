@@ -20,3 +20,11 @@ def one_thread():
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Tiny trained MHA and LRKV run folders (tests/evaluate_fixtures.py), built once per session."""
     return tiny_runs(str(tmp_path_factory.getbasetemp() / "tiny_runs"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need trained runs (the `runs` fixture trains tiny models) are `slow`, like whole-training tests:
+    `pytest -m "not slow"` is the fast loop of model, attention, data and optimizer tests."""
+    for item in items:
+        if "runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

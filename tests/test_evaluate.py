@@ -563,6 +563,7 @@ def test_error_cases_with_files(runs, tmp_path, corrupt_ckpt):
         assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
 
 
+@pytest.mark.slow  # subprocess
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "evaluate.py"), "ckpt=/no/such/run", f"out_dir={tmp_path}"],
@@ -579,6 +580,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # subprocess
 def test_cli_end_to_end_footprint(tmp_path):
     proc = subprocess.run(
         [

@@ -31,7 +31,7 @@ TASKS = ["lrkv_tiny_mc", "lrkv_tiny_cloze", "lrkv_tiny_rolling", "lrkv_tiny_gen"
 GEN_STOPS = ["\n", "."]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # lm-eval over trained tiny runs
 
 
 @pytest.fixture(autouse=True)

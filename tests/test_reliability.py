@@ -22,7 +22,7 @@ from lrkv.errors import CheckpointError, ConfigError, DataError, OutputError
 from lrkv.training.optim import lr_factor
 from lrkv.training.step import NonFiniteStep
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # training runs with injected faults
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ from lrkv.errors import CheckpointError, ConfigError, LrkvError, TrainingInterru
 from lrkv.io import load_pretrained
 from lrkv.training.monitor import COLUMNS
 
+pytestmark = pytest.mark.slow  # whole training runs
+
+
 KINDS = ["mha", "gqa", "mqa", "mla", "lrkv"]
 
 

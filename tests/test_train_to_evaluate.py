@@ -10,6 +10,8 @@ from train_helpers import run_script, tiny_overrides, train_in_process, val_loss
 
 from lrkv.io import load_pretrained
 
+pytestmark = pytest.mark.slow  # train.py runs, then evaluate.py
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
