@@ -65,7 +65,10 @@ def one_line(err, *words):
         assert word in message, message
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
+]  # post-training compression fits on calibration data
 
 
 # ---- a tiny trained MHA model, once per session --------------------------------------------------

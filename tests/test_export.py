@@ -25,7 +25,7 @@ from lrkv.training.checkpoint import save_pretrained
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # transformers round trips of every kind
 
 VOCAB = 512
 # name -> (kind, overrides): together they cover QK-norm, ReLU², GELU, SiLU, soft-cap on/off, embedding norm on/off,
