@@ -121,6 +121,20 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(storage, tmp_path, ca
     assert val_losses(part) == pytest.approx(val_losses(full), abs=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [4, 2])  # accumulation 1 and 2
+def test_a_resume_between_validations_keeps_the_validation_schedule(batch_size, tmp_path, cache_dir):
+    """Stopped during step 3 with val_every=2: the resumed run still validates at steps 4 and 6, as the full run."""
+    extra = {"train.ckpt_every": 100, "train.val_every": 2, "data.batch_size": batch_size, "train.batch_tokens": 256}
+    overrides = tiny_overrides(tmp_path, cache_dir, steps=6, **extra)
+    train_in_process(overrides, tmp_path / "full")
+    with pytest.raises(TrainingInterrupted, match="at step 3"):
+        train_in_process(overrides, tmp_path / "part", callbacks=[StopAt(2)])
+    train_in_process(overrides + ["ckpt_path=last"], tmp_path / "part")
+    full, part = val_losses(tmp_path / "full"), val_losses(tmp_path / "part")
+    assert sorted(part) == sorted(full) == [2, 4, 6]
+    assert part == pytest.approx(full, abs=1e-6)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path, cache_dir):
     import lightning as L
 
