@@ -18,7 +18,8 @@ import torch
 from lrkv.errors import ConfigError
 from lrkv.evaluation.loss import evaluate_checkpoint_loss
 from lrkv.evaluation.report import markdown_table, text_table, write_json
-from lrkv.io import Pretrained, find_run_dir, load_pretrained, read_run_config, read_summary
+from lrkv.io import Pretrained, find_run_dir, load_pretrained, read_summary
+from lrkv.io.runs import run_data_config
 from lrkv.measure import kv_cache_bytes
 
 
@@ -78,9 +79,7 @@ def compress_checkpoint(
 
     source = load_pretrained(ckpt, device, "float32")
     run_dir = find_run_dir(ckpt)
-    run_cfg = read_run_config(run_dir) or {}
-    run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None
-    data_cfg = {**(run_data or {}), **(data_cfg or {})} or None  # the source run's held-out data, unless overridden
+    data_cfg = run_data_config(run_dir, data_cfg)  # the source run's held-out data, unless overridden
     options, budgets = split_options(options)
     source_name = (read_summary(run_dir).get("name") if run_dir else None) or source.model.cfg.name
     base = score(source, data_cfg, loss_opts)

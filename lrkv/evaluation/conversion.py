@@ -93,11 +93,10 @@ def convert_run(
 
 def heldout_data(ckpt, overrides: dict | None) -> dict | None:
     """The source run's data config (its validation split) with overrides; None: the embedded corpus."""
-    from lrkv.io import find_run_dir, read_run_config
+    from lrkv.io import find_run_dir
+    from lrkv.io.runs import run_data_config
 
-    run_cfg = read_run_config(find_run_dir(ckpt)) or {}
-    run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None
-    return {**(run_data or {}), **(overrides or {})} or None
+    return run_data_config(find_run_dir(ckpt), overrides)
 
 
 def _score(pretrained, data_cfg, loss_opts) -> dict:

@@ -58,14 +58,6 @@ def mode(fn: Callable) -> Callable:
     return fn
 
 
-def merged(base: dict | None, override: dict | None) -> dict:
-    """Recursive dict merge: override's leaves win."""
-    out = dict(base or {})
-    for key, value in (override or {}).items():
-        out[key] = merged(out.get(key), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def need_ckpt(c: dict, name: str) -> str:
     if not c.get("ckpt"):
         raise ConfigError(f"mode={name} needs a checkpoint: pass ckpt=RUN_DIR (or a pretrained folder or checkpoint)")
@@ -78,12 +70,12 @@ def loss(c: dict, out: Path):
     """Loss, perplexity and bits-per-byte on the run's validation split, next to the loss training logged there."""
     from lrkv.evaluation.loss import evaluate_checkpoint_loss
     from lrkv.evaluation.report import write_json
-    from lrkv.io import find_run_dir, load_pretrained, logged_val_loss, read_metrics, read_run_config, read_summary
+    from lrkv.io import find_run_dir, load_pretrained, logged_val_loss, read_metrics, read_summary
+    from lrkv.io.runs import run_data_config
 
     pretrained = load_pretrained(need_ckpt(c, "loss"), c["device"], c["dtype"])
     run_dir = find_run_dir(c["ckpt"])
-    run_cfg = read_run_config(run_dir) or {}
-    data_cfg = merged(run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None, c.get("data"))
+    data_cfg = run_data_config(run_dir, c.get("data"))
     lc = c["loss"]
     result = evaluate_checkpoint_loss(
         pretrained,

@@ -39,6 +39,22 @@ def find_run_dir(path: str | Path) -> Path | None:
     return None
 
 
+def merged(base: dict | None, override: dict | None) -> dict:
+    """Recursive dict merge: override's leaves win."""
+    out = dict(base or {})
+    for key, value in (override or {}).items():
+        out[key] = merged(out.get(key), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_data_config(run_dir: str | Path | None, overrides: dict | None = None) -> dict | None:
+    """The data config a run trained on (its held-out split) with `overrides` merged in; None: neither exists
+    (scoring then uses the embedded corpus)."""
+    run_cfg = read_run_config(run_dir) or {}
+    run_data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else None
+    return merged(run_data, overrides) or None
+
+
 def read_run_config(run_dir: str | Path | None) -> dict | None:
     """The training config as plain dicts: `config.yaml` (written by training, fully resolved), else the
     composed `.hydra/config.yaml` with interpolations resolved where possible (Hydra saves them
