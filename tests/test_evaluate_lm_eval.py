@@ -230,14 +230,17 @@ def test_lm_eval_mode_through_hydra(runs, task_dir, harness_results, tmp_path):
         f"lm_eval.tasks=[{','.join(TASKS)}]",  # tasks select lm_eval
         f"lm_eval.include_path={task_dir}",
         "lm_eval.include_defaults=false",
-        "batch_size=2",
+        "batch_size=auto",  # the largest that fits: scores must not depend on it
+        "lm_eval.max_batch_size=16",
     )
     assert out["mode"] == "lm_eval"
     scores = json.loads((tmp_path / "lm_eval_scores.json").read_text())
     for task in TASKS:
         for metric, value in scores[task].items():
             assert value == pytest.approx(harness_results["results"][task][metric], rel=1e-5), (task, metric)
-    assert json.loads((tmp_path / "lm_eval_results.json").read_text())["lrkv"]["checkpoint"].endswith("pretrained")
+    info = json.loads((tmp_path / "lm_eval_results.json").read_text())["lrkv"]
+    assert info["checkpoint"].endswith("pretrained")
+    assert info["batch_size_requested"] == "auto" and 1 <= info["batch_size"] <= 16
     assert "lrkv_tiny_mc" in out["text"] and "acc" in out["text"]
     assert (tmp_path / "lm_eval_table.md").is_file()
 

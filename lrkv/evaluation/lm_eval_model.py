@@ -4,7 +4,8 @@
     lm_eval.simple_evaluate(model="lrkv", model_args="checkpoint=RUN_DIR,batch_size=8", tasks=[...])
 
 model_args: checkpoint (alias pretrained; run folder, pretrained folder or checkpoint), device (cpu),
-batch_size (requests per forward; "auto" = 8), dtype (float32 | bfloat16 | float16), max_length
+batch_size (requests per forward, or "auto": the largest that fits, lrkv.evaluation.batching;
+max_batch_size caps it, default 64), dtype (float32 | bfloat16 | float16), max_length
 (context window; default and ceiling: the model's max_seq_len), max_gen_toks (256), prefix_eos.
 
 Conventions (those of lm-eval's HF model, plus one):
@@ -36,6 +37,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lrkv.errors import ConfigError
+from lrkv.evaluation.batching import auto_batch_size, parse_batch_size
 from lrkv.evaluation.sample import decode
 from lrkv.io import load_pretrained, parse_dtype, require_tokenizer
 
@@ -79,13 +81,11 @@ class LrkvLM(TemplateLM):
         self.model = loaded.model.eval()
         self.tokenizer = require_tokenizer(loaded, "lm-eval")
         self._device = torch.device(device)
-        if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
-            batch_size = 8
-        self.batch_size = int(batch_size)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         limit = self.model.cfg.max_seq_len
         self._max_length = min(int(max_length), limit) if max_length else limit
+        fixed = parse_batch_size(batch_size)
+        self.batch_size_requested = str(batch_size)
+        self.batch_size = fixed or auto_batch_size(self.model, self._max_length, max_batch_size=max_batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.prefix_eos = _as_bool(prefix_eos)
 

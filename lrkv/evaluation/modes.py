@@ -134,6 +134,7 @@ def lm_eval(c: dict, out: Path):
         num_fewshot=e["num_fewshot"],
         limit=e["limit"],
         batch_size=e["batch_size"],
+        max_batch_size=e.get("max_batch_size"),
         device=c["device"],
         dtype=c["dtype"],
         max_length=e["max_length"],
