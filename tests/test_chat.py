@@ -252,7 +252,8 @@ def test_chat_generation_needs_a_chat_model(runs, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_a_mixture_takes_chat_sources_with_their_masks(tmp_path):
+@pytest.mark.parametrize("storage", ["memory", "shards"])
+def test_a_mixture_takes_chat_sources_with_their_masks(tmp_path, storage):
     from lrkv.data.datamodule import LMDataModule
 
     path = tmp_path / "c.jsonl"
@@ -262,7 +263,19 @@ def test_a_mixture_takes_chat_sources_with_their_masks(tmp_path):
         {"name": "chat", "source": str(path), "weight": 0.5, "format": "chat"},
         {"name": "text", "source": "embedded:topics", "weight": 0.5},
     ]
-    dm = LMDataModule("mixture", sources=sources, tokenizer=tok_path, seq_len=32, batch_size=8, rank=0, world_size=1)
+    dm = LMDataModule(
+        "mixture",
+        sources=sources,
+        tokenizer=tok_path,
+        seq_len=32,
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        storage=storage,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.prepare_data()
+    assert len(list((tmp_path / "cache").glob("shards/*/val.json"))) == (2 if storage == "shards" else 0)
     dm.setup()
     assert dm.tokenizer.vocab_size == 304  # 300 + the chat tokens
     batch = next(iter(dm.train_dataloader()))
@@ -301,6 +314,51 @@ def test_chat_data_resumes_exactly(tmp_path):
     assert (reference["target"] == -1).any() and (reference["target"] >= 0).any()
 
 
+def test_chat_shards_keep_the_masks_and_match_memory(tmp_path):
+    """data=chat with storage=shards: written once as int32 with the ~id marks; validation windows equal the
+    in-memory ones (targets and masks), training resumes exactly, and streaming conversations is refused."""
+    from lrkv.data.datamodule import LMDataModule
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in conversations(200)))
+    tok_path = base_tokenizer().save(str(tmp_path))
+
+    def module(storage):
+        dm = LMDataModule(
+            str(path),
+            format="chat",
+            tokenizer=tok_path,
+            seq_len=16,
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            storage=storage,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        dm.prepare_data()
+        dm.setup()
+        return dm
+
+    shards, memory = module("shards"), module("memory")
+    (index,) = (tmp_path / "cache").glob("shards/*/train.json")
+    assert json.loads(index.read_text())["dtype"] == np.dtype(np.int32).str
+    val_s, val_m = list(shards.val_dataloader()), list(memory.val_dataloader())
+    assert len(val_s) == len(val_m) > 0
+    for a, b in zip(val_s, val_m):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+    assert any((b["target"] == -1).any() for b in val_s) and any((b["target"] >= 0).any() for b in val_s)
+    reference = [b for _, b in zip(range(6), module("shards").train_dataloader())]
+    first = module("shards")
+    for _, batch in zip(range(3), first.train_dataloader()):
+        first.on_before_batch_transfer(batch, 0)
+    resumed = module("shards")
+    resumed.load_state_dict(first.state_dict())
+    batch = next(iter(resumed.train_dataloader()))
+    assert all(torch.equal(batch[k], reference[3][k]) for k in ("input", "target"))
+    with pytest.raises(LrkvError, match="memory or shards, not stream"):
+        LMDataModule(str(path), format="chat", storage="stream")
+
+
 def test_a_batch_without_assistant_tokens_has_zero_loss_not_nan():
     """A packed chat window can hold no assistant token: its loss is 0 with zero gradients (no NaN guard stop)."""
     from helpers import tiny_config
@@ -318,3 +376,66 @@ def test_a_batch_without_assistant_tokens_has_zero_loss_not_nan():
     targets[0, :5] = -1
     ref = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), targets.flatten(), ignore_index=-1)
     torch.testing.assert_close(model.loss(x, targets), ref)
+
+
+def test_the_paper_mix_reads_through_the_hub_reader_into_shards(tmp_path, monkeypatch):
+    """experiment=midtrain_128m's three sources with their formats and validation settings, each pointed at a
+    local stand-in through the hub reader ('hf:<dir>' runs datasets.load_dataset(streaming=True)), on shards:
+    every source yields masked windows and its own validation, and a second setup reuses the shards."""
+    from test_configs import compose_train, resolve
+
+    from lrkv.data.datamodule import LMDataModule
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    chat = conversations(120)
+    mmlu = [{"question": f"{a} + 1 = ?", "choices": [str(a), str(a + 1)], "answer": 1} for a in range(60)]
+    rows = {
+        "smoltalk": {"train": chat[:100], "test": chat[100:]},
+        "mmlu": {"train": mmlu},
+        "gsm8k": {
+            "train": [{"question": f"Tom has {a} apples.", "answer": f"He has {a}. #### {a}"} for a in range(40)],
+            "test": [{"question": f"Ann has {a} pears.", "answer": f"#### {a}"} for a in range(10)],
+        },
+    }
+    for name, splits in rows.items():
+        (tmp_path / name).mkdir()
+        for split, items in splits.items():
+            (tmp_path / name / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in items))
+    cfg = resolve(compose_train(["experiment=midtrain_128m"]))["data"]
+    assert cfg["storage"] == "shards"
+    sources = []
+    for spec in cfg["sources"]:
+        local = {k: v for k, v in spec.items() if k not in ("config", "max_tokens", "val_max_tokens")}
+        sources.append({**local, "source": f"hf:{tmp_path / spec['name']}"})
+    assert sources[1]["name"] == "mmlu" and sources[1]["val_documents"] == 2000
+    sources[1]["val_documents"] = 10  # the stand-in has 60 questions
+    tok_path = base_tokenizer().save(str(tmp_path))
+
+    def module():
+        dm = LMDataModule(
+            "mixture",
+            sources=sources,
+            tokenizer=tok_path,
+            seq_len=16,
+            batch_size=8,
+            val_batches=2,
+            rank=0,
+            world_size=1,
+            storage=cfg["storage"],
+            cache_dir=str(tmp_path / "cache"),
+        )
+        dm.prepare_data()
+        dm.setup()
+        return dm
+
+    dm = module()
+    assert len(list((tmp_path / "cache").glob("shards/*/train.json"))) == 3
+    drawn = torch.cat([b["source"] for _, b in zip(range(20), dm.train_dataloader())])
+    assert set(drawn.tolist()) <= {0, 1, 2} and int((drawn == 0).sum()) > int((drawn == 2).sum())
+    val = list(dm.val_dataloader())
+    assert sorted({int(b["source"][0]) for b in val}) == [0, 1, 2]  # each source validated on its own
+    assert all((b["target"] == -1).any() and (b["target"] >= 0).any() for b in val)
+    monkeypatch.setattr("lrkv.data.shards.write_documents", lambda *a, **k: pytest.fail("shards written again"))
+    again = module()
+    first = next(iter(again.train_dataloader()))
+    assert torch.equal(first["input"], next(iter(dm.train_dataloader()))["input"])

@@ -139,8 +139,59 @@ def test_bad_sources_are_one_line_errors(entries, error, words):
 def test_datamodule_refuses_streaming_a_mixture():
     from lrkv.data.datamodule import LMDataModule
 
-    with pytest.raises(ConfigError, match="storage=memory only"):
+    with pytest.raises(ConfigError, match="memory or shards, not stream"):
         LMDataModule("mixture", sources=[{"name": "a", "source": "embedded", "weight": 1}], storage="stream")
+
+
+def test_a_hub_source_in_memory_needs_its_own_max_tokens():
+    hub = {"name": "web", "source": "hf:someone/corpus", "weight": 1, "val_documents": 10}
+    with pytest.raises(ConfigError, match="give it max_tokens, or set data.storage=shards") as err:
+        Mixture([hub])
+    assert "\n" not in str(err.value)
+    Mixture([{**hub, "max_tokens": 1000}])  # capped: fine in memory
+    Mixture([hub], storage="shards")  # shards hold the whole source on disk
+
+
+def shard_loaders(files, tokenizer, cache_dir, seed=0):
+    mixture = Mixture(sources(files), val_fraction=0.1, storage="shards", cache_dir=str(cache_dir))
+    common = dict(seq_len=16, rank=0, world_size=1, token_bytes=token_byte_lengths(tokenizer))
+    train = mixture.train_loader(tokenizer, batch_size=4, seed=seed, **common)
+    val = mixture.val_loader(tokenizer, batch_size=4, max_batches=3, **common)
+    return train, val
+
+
+def test_shards_are_written_once_per_source_and_read_like_memory(files, tokenizer, tmp_path, monkeypatch):
+    train, val = shard_loaders(files, tokenizer, tmp_path)
+    folders = sorted(p.parent.name for p in (tmp_path / "shards").glob("*/train.json"))
+    assert len(folders) == 2  # one shard folder per source
+    batches = take(iter(train), 10)
+    drawn = torch.cat([b["source"] for b in batches])
+    mixture = Mixture(sources(files), val_fraction=0.1, storage="shards", cache_dir=str(tmp_path))
+    for source in (0, 1):  # every row is a window of its own source's shards
+        stream = mixture.tokens(source, "train", tokenizer)
+        stream = stream.read(0, 0, stream.num_tokens()).astype("int64").tobytes()
+        rows = torch.cat([b["input"][b["source"] == source] for b in batches])
+        assert all(row.numpy().astype("int64").tobytes() in stream for row in rows)
+    assert 0 < int((drawn == 1).sum()) < int((drawn == 0).sum())
+    # validation windows are the same as from memory (neither reorders held-out documents)
+    memory_val = Mixture(sources(files), val_fraction=0.1).val_loader(
+        tokenizer, seq_len=16, batch_size=4, rank=0, world_size=1, token_bytes=None, max_batches=3
+    )
+    assert all(
+        torch.equal(a["input"], b["input"]) and torch.equal(a["source"], b["source"]) for a, b in zip(val, memory_val)
+    )
+    assert len(list(val)) == len(list(memory_val)) == 6
+
+    # a second run reads the same shards without tokenizing again, draws the same rows and resumes exactly
+    def no_writes(*args, **kwargs):
+        raise AssertionError("shards were written again")
+
+    monkeypatch.setattr("lrkv.data.shards.write_documents", no_writes)
+    again, _ = shard_loaders(files, tokenizer, tmp_path)
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(take(iter(again), 10), batches))
+    resumed, _ = shard_loaders(files, tokenizer, tmp_path)
+    resumed.load_state_dict(json.loads(json.dumps(train.state_after(6))))
+    assert all(torch.equal(a["input"], b["input"]) for a, b in zip(take(iter(resumed), 4), batches[6:]))
 
 
 @pytest.mark.slow

@@ -17,20 +17,16 @@ hands them out in order. A LightningModule must not override ``on_before_batch_t
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lrkv.data.corpus import CorpusSpec, corpus_key, iter_documents, source_kind
-from lrkv.data.loader import BatchLoader, InMemoryTokens, make_dataloader
+from lrkv.data.loader import BatchLoader, make_dataloader
 from lrkv.data.mixture import Mixture, is_mixture
-from lrkv.data.shards import load_or_write_shards
 from lrkv.data.stream import StreamLoader, make_stream_dataloader
 from lrkv.data.tokenizer import Tokenizer, load_or_train_bpe, padded_vocab_size, token_byte_lengths
+from lrkv.data.tokens import split_tokens
 from lrkv.errors import ConfigError, DataError
 
 STORAGES = ("memory", "shards", "stream")
@@ -100,13 +96,19 @@ class LMDataModule(L.LightningDataModule):
 
             if format not in FORMATS:
                 raise ConfigError(f"data.format={format!r} is unknown: use text, {', '.join(FORMATS)}")
-            if storage != "memory" or is_mixture(source, sources):
-                raise ConfigError(f"data.format={format} supports data.storage=memory and a single source only")
+            if storage == "stream":
+                raise ConfigError(f"data.format={format} supports data.storage=memory or shards, not stream")
+            if is_mixture(source, sources):
+                raise ConfigError(
+                    f"data.format={format} is for a single source; in a mixture give the source its own format"
+                )
         self.mixture = None  # data=mixture (lrkv/data/mixture.py): several sources drawn by weight
         if is_mixture(source, sources):
-            if storage != "memory":
-                raise ConfigError(f"data=mixture supports data.storage=memory only, got {storage!r}")
-            self.mixture = Mixture(sources, val_fraction=val_fraction, split_seed=split_seed)
+            if storage == "stream":
+                raise ConfigError("data=mixture supports data.storage=memory or shards, not stream")
+            self.mixture = Mixture(
+                sources, val_fraction=val_fraction, split_seed=split_seed, storage=storage, cache_dir=cache_dir
+            )
             source = "embedded"  # placeholder corpus spec; the mixture's sources are used instead
         self.spec = CorpusSpec(
             source=source,
@@ -150,7 +152,11 @@ class LMDataModule(L.LightningDataModule):
         tokenizer = self.load_tokenizer()
         if self.hparams.storage == "shards":
             for split in ("train", "val"):
-                self._token_source(split, tokenizer)
+                if self.mixture is not None:
+                    for i in range(len(self.mixture.specs)):
+                        self.mixture.tokens(i, split, tokenizer)
+                else:
+                    self._token_source(split, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_loader is not None:
@@ -348,28 +354,18 @@ class LMDataModule(L.LightningDataModule):
 
     def _token_source(self, split: str, tokenizer: Tokenizer):
         hp = self.hparams
-        max_tokens = hp.max_tokens if split == "train" else hp.val_max_tokens
-        if hp.format != "text":
-            from lrkv.data.chat import chat_tokens, iter_rows
-
-            rows = iter_rows(self.spec, split)
-            return chat_tokens(
-                rows, tokenizer, fmt=hp.format, max_tokens=max_tokens, shuffle_documents=split == "train", seed=hp.seed
-            )
-        texts = lambda: iter_documents(self.spec, split)  # noqa: E731
-        if hp.storage == "memory" or (hp.storage == "stream" and split == "val"):
-            return InMemoryTokens.from_texts(
-                texts(), tokenizer, max_tokens=max_tokens, shuffle_documents=split == "train", seed=hp.seed
-            )
-        key = {
-            "corpus": corpus_key(self.spec),
-            "tokenizer": tokenizer.sha256,
-            "max_tokens": hp.max_tokens,
-            "val_max_tokens": hp.val_max_tokens,
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        directory = os.path.join(hp.cache_dir, "shards", digest)
-        return load_or_write_shards(texts, tokenizer, directory, split, max_tokens=max_tokens, meta=key)
+        storage = "memory" if hp.storage == "stream" else hp.storage  # stream: validation is held in memory
+        return split_tokens(
+            self.spec,
+            split,
+            tokenizer,
+            fmt=hp.format,
+            storage=storage,
+            max_tokens=hp.max_tokens,
+            val_max_tokens=hp.val_max_tokens,
+            cache_dir=hp.cache_dir,
+            seed=hp.seed,
+        )
 
     def _resolve_rank(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:

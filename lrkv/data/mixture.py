@@ -28,8 +28,10 @@ source after another, each batch tagged with its source id; the training loop re
 and `val_bpb` over all of them (token-weighted) and `val_loss/<name>` per source. Tokens drawn per
 source (`tokens/<name>`) follow from the state: windows x seq_len, summed over all ranks.
 
-Limits: storage=memory only (a hub source needs its own `max_tokens`); documents of all sources
-train one BPE when tokenizer=bpe.
+Storage: every source's tokens are held as `data.storage` says (lrkv/data/tokens.py): `memory`, or
+`shards` (each source tokenized once into its own cached, memory-mapped shards; a hub source then needs
+no `max_tokens`). `stream` is not supported for mixtures. Documents of all sources train one BPE when
+tokenizer=bpe.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import numpy as np
 import torch
 
 from lrkv.data.corpus import EMBEDDED_PARTS, CorpusSpec, corpus_key, iter_documents, resolve_data_files, source_kind
-from lrkv.data.loader import BatchLoader, InMemoryTokens
+from lrkv.data.loader import BatchLoader
+from lrkv.data.tokens import split_tokens
 from lrkv.errors import ConfigError, DataError
 
 MIXTURE = "mixture"
@@ -157,8 +160,23 @@ def source_seed(seed: int, index: int) -> int:
 class Mixture:
     """The sources of a mixture with their corpora: documents for the tokenizer, loaders for training."""
 
-    def __init__(self, sources, *, val_fraction: float = 0.05, split_seed: int = 0):
+    def __init__(
+        self,
+        sources,
+        *,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        storage: str = "memory",
+        cache_dir: str = ".cache/lrkv",
+    ):
+        self.storage, self.cache_dir = storage, cache_dir  # how each source's tokens are held (lrkv/data/tokens.py)
         self.specs = parse_sources(sources, val_fraction=val_fraction, split_seed=split_seed)
+        for spec in self.specs:
+            if storage == "memory" and source_kind(spec.source) == "hub" and spec.max_tokens is None:
+                raise ConfigError(
+                    f"data.sources {spec.name!r} streams a hub dataset into memory: give it max_tokens, "
+                    "or set data.storage=shards (tokenized once into cache_dir)"
+                )
         self.corpora = [s.corpus(val_fraction, split_seed) for s in self.specs]
         total = sum(s.weight for s in self.specs)
         self.probabilities = np.array([s.weight / total for s in self.specs])
@@ -177,11 +195,29 @@ class Mixture:
         for group in itertools.zip_longest(*streams):
             yield from (d for d in group if d is not None)
 
+    def tokens(self, i: int, split: str, tokenizer, seed: int = 0):
+        """Source i's tokens of a split, held as `storage` says (shards: written on first use)."""
+        spec = self.specs[i]
+        return _checked(
+            spec,
+            lambda: split_tokens(
+                self.corpora[i],
+                split,
+                tokenizer,
+                fmt=spec.format,
+                storage=self.storage,
+                max_tokens=spec.max_tokens,
+                val_max_tokens=spec.val_max_tokens,
+                cache_dir=self.cache_dir,
+                seed=seed,
+            ),
+        )
+
     def train_loader(self, tokenizer, *, seq_len, batch_size, seed, rank, world_size, token_bytes) -> MixtureLoader:
         loaders = []
-        for i, (spec, corpus) in enumerate(zip(self.specs, self.corpora)):
+        for i, spec in enumerate(self.specs):
             s = source_seed(seed, i)
-            tokens = _tokens(spec, corpus, "train", tokenizer, spec.max_tokens, shuffle=True, seed=s)
+            tokens = self.tokens(i, "train", tokenizer, seed=s)
             if spec.weight == 0 and tokens.num_tokens() < seq_len + 1:
                 tokens = None  # a validation-only source needs no training windows
             loaders.append(
@@ -202,8 +238,8 @@ class Mixture:
         self, tokenizer, *, seq_len, batch_size, rank, world_size, token_bytes, max_batches
     ) -> MixtureValLoader:
         loaders = []
-        for spec, corpus in zip(self.specs, self.corpora):
-            tokens = _tokens(spec, corpus, "val", tokenizer, spec.val_max_tokens)
+        for i, spec in enumerate(self.specs):
+            tokens = self.tokens(i, "val", tokenizer)
             loaders.append(
                 _checked(
                     spec,
@@ -398,15 +434,3 @@ def metric_columns(names: list[str]) -> list[str]:
 
 def describe(specs: list[SourceSpec]) -> list[dict]:
     return [asdict(s) for s in specs]
-
-
-def _tokens(spec: SourceSpec, corpus: CorpusSpec, split: str, tokenizer, max_tokens, shuffle=False, seed=0):
-    """One source's tokens of a split: documents (format text) or masked conversations (lrkv/data/chat.py)."""
-    if spec.format == "text":
-        return InMemoryTokens.from_texts(
-            iter_documents(corpus, split), tokenizer, max_tokens=max_tokens, shuffle_documents=shuffle, seed=seed
-        )
-    from lrkv.data.chat import chat_tokens, iter_rows
-
-    rows = iter_rows(corpus, split)
-    return chat_tokens(rows, tokenizer, fmt=spec.format, max_tokens=max_tokens, shuffle_documents=shuffle, seed=seed)

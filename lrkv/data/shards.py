@@ -14,9 +14,10 @@ resume work as for in-memory tokens). Each file is written to a temporary name a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -45,9 +46,31 @@ def write_shards(
     Stops after the document that reaches ``max_tokens`` (EOS included). Returns the index.
     ``meta`` (JSON values) is stored in the index, e.g. the corpus key it was built from.
     """
-    os.makedirs(directory, exist_ok=True)
+    documents = (
+        ids + [tokenizer.eos_id] for ids in encode_documents(tokenizer, texts, max_tokens=max_tokens, chunk=chunk)
+    )
     dtype = token_dtype(tokenizer.vocab_size)
-    files, pending, pending_tokens, total, documents = [], [], 0, 0, 0
+    return write_documents(documents, tokenizer, directory, split, dtype=dtype, shard_tokens=shard_tokens, meta=meta)
+
+
+def write_documents(
+    documents: Iterable[Sequence[int]],
+    tokenizer,
+    directory: str,
+    split: str,
+    *,
+    dtype,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    meta: dict | None = None,
+) -> dict:
+    """Write already tokenized documents (each ending in its separator) as shards of ``split``.
+
+    For masked chat data (lrkv/data/chat.py) the documents are int32 with ``~id`` marking the
+    tokens that are not targets, and the separator is ``~eos``; ``dtype`` must hold them.
+    """
+    os.makedirs(directory, exist_ok=True)
+    dtype = np.dtype(dtype)
+    files, pending, pending_tokens, total, count = [], [], 0, 0, 0
 
     def flush() -> None:
         nonlocal pending, pending_tokens
@@ -57,12 +80,12 @@ def write_shards(
             files.append({"name": name, "tokens": pending_tokens})
         pending, pending_tokens = [], 0
 
-    for ids in encode_documents(tokenizer, texts, max_tokens=max_tokens, chunk=chunk):
-        doc = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+    for ids in documents:
+        doc = np.asarray(ids, dtype=dtype)
         pending.append(doc)
         pending_tokens += len(doc)
         total += len(doc)
-        documents += 1
+        count += 1
         if pending_tokens >= shard_tokens:
             flush()
     flush()
@@ -74,12 +97,18 @@ def write_shards(
         "eos_id": tokenizer.eos_id,
         "tokenizer_sha256": tokenizer.sha256,
         "num_tokens": total,
-        "num_documents": documents,
+        "num_documents": count,
         "files": files,
         "meta": meta or {},
     }
     atomic_write(index_path(directory, split), json.dumps(index, indent=1))
     return index
+
+
+def shard_directory(cache_dir: str, key: dict) -> str:
+    """``cache_dir/shards/<16 hex digits of the key's hash>``: one directory per corpus and settings."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, "shards", digest)
 
 
 def index_path(directory: str, split: str) -> str:
@@ -109,14 +138,25 @@ def read_index(directory: str, split: str) -> dict:
 
 
 def load_or_write_shards(
-    texts: Callable[[], Iterable[str]], tokenizer, directory: str, split: str, **write_kwargs
+    texts: Callable[[], Iterable[str]] | None,
+    tokenizer,
+    directory: str,
+    split: str,
+    *,
+    documents: Callable[[], Iterable[Sequence[int]]] | None = None,
+    dtype=None,
+    **write_kwargs,
 ) -> ShardTokens:
-    """Open the shards of ``split`` in ``directory``, writing them from ``texts()`` when missing
-    or made with another tokenizer. ``directory`` should be keyed by the corpus and settings."""
+    """Open the shards of ``split`` in ``directory``, writing them when missing or made with another
+    tokenizer: from ``texts()``, or from already tokenized ``documents()`` of ``dtype`` (see
+    ``write_documents``). ``directory`` should be keyed by the corpus and settings (``shard_directory``)."""
     path = index_path(directory, split)
     made_with = read_index(directory, split)["tokenizer_sha256"] if os.path.isfile(path) else None
     if made_with != tokenizer.sha256:
-        write_shards(texts(), tokenizer, directory, split, **write_kwargs)
+        if documents is not None:
+            write_documents(documents(), tokenizer, directory, split, dtype=dtype, **write_kwargs)
+        else:
+            write_shards(texts(), tokenizer, directory, split, **write_kwargs)
     return ShardTokens(directory, split, tokenizer_sha256=tokenizer.sha256)
 
 
