@@ -51,6 +51,16 @@ class Generation:
     steps: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    prompt_tokens: int = 0  # all rows' prompt tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens (all rows) per second of generation, prefill included."""
+        return self.num_new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
 @torch.no_grad()
@@ -77,6 +87,8 @@ def generate_batch(
     True after a token, or after max_new_tokens new tokens; the loop ends when every row stopped.
     use_cache=False recomputes the whole sequence every step (the reference; equal lengths only).
     """
+    if isinstance(tokens, torch.Tensor) and (tokens.dim() != 2 or tokens.shape[1] == 0):
+        raise ConfigError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(tokens.shape)}")
     rows = list(tokens) if isinstance(tokens, (list, tuple)) else list(tokens.unbind(0))
     lens = [int(r.numel()) for r in rows]
     b, lmin, lmax = len(rows), min(lens), max(lens)
@@ -93,7 +105,13 @@ def generate_batch(
     for i, r in enumerate(rows):
         padded[i, : lens[i]] = r  # right padding, never fed: a row's prompt tokens past L_min go in one by one
     length = torch.tensor(lens, device=padded.device)
-    out = Generation(tokens=padded, new_tokens=[[] for _ in range(b)], stopped=[False] * b, stop_hit=[False] * b)
+    out = Generation(
+        tokens=padded,
+        new_tokens=[[] for _ in range(b)],
+        stopped=[False] * b,
+        stop_hit=[False] * b,
+        prompt_tokens=sum(lens),
+    )
     cache = model.new_cache(b, lmax + max_new_tokens, cache_dtype) if use_cache and max_new_tokens > 0 else None
     step_input, pos, start = padded[:, :lmin], lmin, time.perf_counter()
     for step in range(lmax - lmin + max_new_tokens if max_new_tokens > 0 else 0):

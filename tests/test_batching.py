@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import random_model
+
 from lrkv.data.tokenizer import train_bpe
 from lrkv.errors import ConfigError
 from lrkv.evaluation import batching

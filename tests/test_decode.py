@@ -123,16 +123,18 @@ def test_generate_a_list_of_prompts_equals_one_by_one(kind):
 
 
 def test_evaluation_decode_of_ragged_prompts_equals_one_by_one():
-    from lrkv.evaluation.sample import decode
+    from lrkv.generate import generate_batch
 
     model = random_model("lrkv", seed=14)
     gen = torch.Generator().manual_seed(15)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (6, 2, 4)]
     stop = lambda row, new: len(new) == 3 + row  # noqa: E731 - a different stop per row
-    together = decode(model, prompts, 8, should_stop=stop, cache_dtype=torch.float32)
+    together = generate_batch(model, prompts, 8, should_stop=stop, cache_dtype=torch.float32)
     for i, p in enumerate(prompts):
-        alone = decode(model, p[None], 8, should_stop=lambda row, new, i=i: stop(i, new), cache_dtype=torch.float32)
-        assert together.tokens[i] == alone.tokens[0] and len(alone.tokens[0]) == 3 + i
+        alone = generate_batch(
+            model, p[None], 8, should_stop=lambda row, new, i=i: stop(i, new), cache_dtype=torch.float32
+        )
+        assert together.new_tokens[i] == alone.new_tokens[0] and len(alone.new_tokens[0]) == 3 + i
 
 
 def test_prompt_longer_than_max_seq_len_is_a_one_line_error():

@@ -24,7 +24,7 @@ from lrkv.evaluation.compare import compare_runs, pareto_front, steps_to_target
 from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity
 from lrkv.evaluation.footprint import footprint_table
 from lrkv.evaluation.modes import MODES, prepare, run
-from lrkv.evaluation.sample import decode
+from lrkv.generate import generate_batch
 from lrkv.io import load_pretrained, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,8 +458,8 @@ def test_decode_with_cache_equals_greedy_without(kind):
     model = random_model(kind, seed=2)
     prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(0))
     ref = model.generate(prompt, 12, use_cache=False)[:, 6:]
-    dec = decode(model, prompt, 12)
-    assert dec.tokens == ref.tolist() and dec.steps == 12
+    dec = generate_batch(model, prompt, 12)
+    assert dec.new_tokens == ref.tolist() and dec.steps == 12
 
 
 def test_decode_stops():
@@ -467,9 +467,9 @@ def test_decode_stops():
     prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(0))
     ref = model.generate(prompt, 10, use_cache=False)[:, 4:].tolist()
     stop = ref[0][3]
-    dec = decode(model, prompt, 10, stop_token=stop, should_stop=lambda row, new: row == 1 and len(new) == 2)
+    dec = generate_batch(model, prompt, 10, stop_token=stop, should_stop=lambda row, new: row == 1 and len(new) == 2)
     first = ref[0][: ref[0].index(stop)]
-    assert dec.tokens == [first, ref[1][:2]]
+    assert dec.new_tokens == [first, ref[1][:2]]
 
 
 def test_generate_mode(runs, tmp_path):

@@ -119,17 +119,22 @@ def auto_batch_size(model, max_length: int, *, max_batch_size: int | None = None
         log.info("batch_size=auto: %d (estimate against %.1f GiB available, CPU)", batch, memory / 2**30)
         return batch
 
-    from lrkv.evaluation.sample import decode
+    from lrkv.generate import generate_batch
 
     def attempt(b: int) -> None:
         tokens = torch.zeros(b, max_length, dtype=torch.long, device=param.device)
         model(tokens)
         if generate:
-            decode(model, tokens[:, :-1], 1)
+            generate_batch(model, tokens[:, :-1], 1)
         torch.cuda.synchronize(param.device)
 
     batch = largest_that_runs(attempt, max_batch_size)
     torch.cuda.empty_cache()
-    log.info("batch_size=auto: %d (largest of %d, %d/2, ... that ran at %d tokens)", batch, max_batch_size,
-             max_batch_size, max_length)
+    log.info(
+        "batch_size=auto: %d (largest of %d, %d/2, ... that ran at %d tokens)",
+        batch,
+        max_batch_size,
+        max_batch_size,
+        max_length,
+    )
     return batch

@@ -19,7 +19,7 @@ Conventions (those of lm-eval's HF model, plus one):
 - loglikelihood_rolling: the whole text in disjoint windows of max_length predicted tokens (lm-eval's
   `get_rolling_token_windows` with context_len 1), first token predicted from end-of-text.
 - generate_until: the prompt (with the end-of-text prefix, left-truncated to max_length - max_gen_toks)
-  is decoded through the KV cache (`lrkv.evaluation.sample.decode`), batched over requests with equal
+  is decoded through the KV cache (`lrkv.generate.generate_batch`), batched over requests with equal
   generation settings (prompts of different lengths share a batch); a row stops at end-of-text, at a
   stop string (checked on the decoded text each step) or after max_gen_toks; the text is cut before the
   first stop string.
@@ -38,7 +38,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lrkv.errors import ConfigError
 from lrkv.evaluation.batching import auto_batch_size, parse_batch_size
-from lrkv.evaluation.sample import decode
+from lrkv.generate import generate_batch
 from lrkv.io import load_pretrained, parse_dtype, require_tokenizer
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class LrkvLM(TemplateLM):
                 def hit_stop(row, new, until=until):
                     return bool(until) and any(s in self.tok_decode(new) for s in until)
 
-                dec = decode(
+                dec = generate_batch(
                     self.model,
                     prompt,
                     max_gen,
@@ -230,7 +230,7 @@ class LrkvLM(TemplateLM):
                     should_stop=hit_stop,
                 )
                 for row, i in enumerate(rows):
-                    text = self.tok_decode(dec.tokens[row])
+                    text = self.tok_decode(dec.new_tokens[row])
                     for s in until:
                         if s:
                             text = text.split(s)[0]

@@ -1,83 +1,15 @@
-"""Sampling through the KV cache: prefill the prompt once, then one token per step.
-
-`decode` runs the project's one generation loop (`lrkv.generate.generate_batch`, which
-`Transformer.generate` runs too) with the two options the evaluation needs: a per-step stop test
-(lm-eval's stop strings, checked on the decoded text) and timing (prefill vs decode tokens/s), so
-greedy decoding gives exactly `model.generate`'s tokens.
+"""Text in, text out through the KV cache: `generate_text` encodes prompts, runs the project's one
+generation loop (`lrkv.generate.generate_batch`, which `Transformer.generate` and lm-eval's
+generate_until run too) over all of them in one batch, and reports prefill/decode timing, so greedy
+decoding gives exactly `model.generate`'s tokens.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from lrkv.errors import ConfigError
 from lrkv.generate import generate_batch
-
-
-@dataclass
-class Decoded:
-    tokens: list[list[int]]  # new tokens per row (stop token and anything after it removed)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0
-    prompt_tokens: int = 0
-    stopped: list[bool] = field(default_factory=list)
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens (all rows) per second of decoding, prefill included."""
-        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
-
-
-@torch.no_grad()
-def decode(
-    model,
-    prompt: torch.Tensor | list[torch.Tensor],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_token: int | None = None,
-    should_stop: Callable[[int, list[int]], bool] | None = None,
-    generator: torch.Generator | None = None,
-    cache_dtype: torch.dtype | None = None,
-) -> Decoded:
-    """Continue prompts (B, T), or a list of 1-D prompts of different lengths, through one KV cache.
-
-    A row stops at `stop_token` (not included in its output) or when `should_stop(row, new_tokens)`
-    returns True (the tokens so far are kept; the caller trims stop strings). Decoding ends when
-    every row stopped or after max_new_tokens.
-    """
-    if isinstance(prompt, (list, tuple)):  # prompts of different lengths: one batch (see generate_batch)
-        b, total = len(prompt), sum(int(p.numel()) for p in prompt)
-    elif prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ConfigError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
-    else:
-        b, total = prompt.shape[0], prompt.numel()
-    out = Decoded(tokens=[[] for _ in range(b)], prompt_tokens=total, stopped=[False] * b)
-    gen = generate_batch(
-        model,
-        prompt,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop_token=stop_token,
-        should_stop=should_stop,
-        generator=generator,
-        cache_dtype=cache_dtype,
-    )
-    out.tokens, out.stopped, out.steps = gen.new_tokens, gen.stopped, gen.steps
-    out.prefill_s, out.decode_s = gen.prefill_s, gen.decode_s
-    return out
 
 
 def generate_text(
@@ -129,7 +61,7 @@ def generate_text(
     # documents (and conversations) follow an end-of-text in training; "" = unconditional
     encoded = [([tok.eos_id] + encode(prompt))[-budget:] for prompt in prompts]
     rows = [torch.tensor(ids, device=device) for ids in encoded for _ in range(num_samples)]
-    dec = decode(  # every prompt and sample in one batch (prompts of different lengths share it)
+    dec = generate_batch(  # every prompt and sample in one batch (prompts of different lengths share it)
         model,
         rows,
         max_new_tokens,
@@ -140,10 +72,10 @@ def generate_text(
         generator=generator,
         cache_dtype=cache_dtype,
     )
-    new_tokens, seconds = dec.new_tokens, dec.prefill_s + dec.decode_s
+    new_tokens, seconds = dec.num_new_tokens, dec.prefill_s + dec.decode_s
     results = []
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
-        mine = dec.tokens[i * num_samples : (i + 1) * num_samples]
+        mine = dec.new_tokens[i * num_samples : (i + 1) * num_samples]
         results.append(
             {
                 "prompt": prompt,
