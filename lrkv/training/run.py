@@ -335,6 +335,7 @@ def _train(cfg: dict, run_dir: Path, extra_callbacks: list | None, loggers: list
         dump_config({**cfg, "model": model_cfg.to_dict()}, run_dir)
         print(
             f"run {run_dir}: model {model_cfg.name} ({model_cfg.attention}), {params / 1e6:.2f}M params, "
+            f"{shadow.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token (training), "
             f"KV cache {kv_bytes} B/token (bf16), {total_steps} steps x {batch_tokens} tokens "
             f"(micro batch {datamodule.hparams.batch_size} x {seq_len}, {world} process(es), accumulation {accumulate})"
         )
