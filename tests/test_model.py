@@ -381,6 +381,22 @@ def test_cache_overflow_and_context_errors():
         model(tokens(b=1, t=65))
 
 
+def test_rotate_with_and_without_autograd_equals_apply_rope():
+    from lrkv.rope import apply_rope, rope_cos_sin, rotate
+
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = rope_cos_sin(torch.arange(5), 8)
+    ref = apply_rope(x, cos, sin)
+    with torch.no_grad():
+        fast = rotate(x, cos[:, None], sin[:, None])  # the decode path: halves written in place
+    x.requires_grad_(True)
+    slow = rotate(x, cos[:, None], sin[:, None])
+    slow.sum().backward()  # the autograd path
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(slow.detach(), ref, atol=1e-6, rtol=0)
+    assert x.grad is not None
+
+
 def test_rope_rotation_preserves_norm_and_is_relative():
     from lrkv.rope import apply_rope, rope_cos_sin
 

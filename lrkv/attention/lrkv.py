@@ -48,7 +48,7 @@ from torch import nn
 from lrkv.cache import LayerCache
 from lrkv.errors import ConfigError
 from lrkv.norm import RMSNorm
-from lrkv.rope import apply_rope, rope_cos_sin
+from lrkv.rope import apply_rope, rope_cos_sin, rotate
 
 from . import register
 from .base import Attention, linear, linear_std
@@ -250,14 +250,7 @@ class LowRankKVAttention(Attention):
             else:
                 k = self.k_norm(k)
             cos, sin = table[start:end, :half].to(dt), table[start:end, half:].to(dt)
-            k1, k2 = k[..., :half], k[..., half:]
-            if torch.is_grad_enabled():  # out= has no autograd; decoding is normally under no_grad
-                rot = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
-            else:
-                rot = torch.empty_like(k)
-                torch.mul(k1, cos, out=rot[..., :half]).addcmul_(k2, sin, value=-1)
-                torch.mul(k2, cos, out=rot[..., half:]).addcmul_(k1, sin)
-            s = torch.matmul(qf, rot.transpose(-1, -2))  # (B, H, Tq, C)
+            s = torch.matmul(qf, rotate(k, cos, sin).transpose(-1, -2))  # (B, H, Tq, C)
             if scalar_norm:
                 s = s * inv[:, :, None, :]
             if mask is not None:
