@@ -269,19 +269,19 @@ class StepProgress:
             mininterval=0.5 if interactive else 30.0,
             file=sys.stderr,
         )
-        self.val_loss: float | None = None
+        self.postfix: dict[str, str] = {}
 
     def update(self, step: int, loss: float | None) -> None:
         self.bar.update(step - self.bar.n)
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        postfix = {"loss": f"{loss:.4f}" if loss is not None else "-"}
-        if self.val_loss is not None:
-            postfix["val"] = f"{self.val_loss:.4f}"
-        postfix["tok/s"] = f"{(step - self.start_step) * self.tokens_per_step / elapsed:,.0f}"
-        self.bar.set_postfix(postfix, refresh=False)
+        self.postfix["loss"] = f"{loss:.4f}" if loss is not None else "-"
+        self.postfix["tok/s"] = f"{(step - self.start_step) * self.tokens_per_step / elapsed:,.0f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
 
     def validated(self, val_loss: float) -> None:
-        self.val_loss = val_loss
+        """Show the new validation loss now (the last step's validation comes after its update)."""
+        self.postfix["val"] = f"{val_loss:.4f}"
+        self.bar.set_postfix(self.postfix, refresh=True)
 
     def close(self) -> None:
         self.bar.close()
