@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import random_model
+from train_helpers import evaluate
 
 from lrkv.data.chat import (
     ASSISTANT_END,
@@ -233,17 +234,6 @@ def test_midtrain_tiny_trains_from_a_pretrained_run_and_its_loss_falls(runs, tmp
     # evaluate.py's held-out loss of a chat run scores the assistant tokens, as the run's validation did
     scored = evaluate(tmp_path / "loss", f"ckpt={tmp_path / 'run'}")
     assert scored["mode"] == "loss" and math.isclose(scored["result"]["loss"], summary["final_val_loss"], rel_tol=1e-4)
-
-
-def evaluate(out_dir, *overrides):
-    from hydra import compose, initialize_config_dir
-    from train_helpers import CONFIGS
-
-    from lrkv.evaluation.modes import run
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("evaluate", overrides=list(overrides))
-    return run(cfg, out_dir, echo=False)
 
 
 def test_chat_generation_needs_a_chat_model(runs, tmp_path):

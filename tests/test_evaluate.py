@@ -16,6 +16,7 @@ import torch
 from evaluate_fixtures import DATA_CFG, corpus_spec
 from helpers import random_model, randomize, tiny_config
 from hydra import compose, initialize_config_dir
+from train_helpers import evaluate
 
 from lrkv import ConfigError, LrkvError, Transformer, load_model_config
 from lrkv.attention import get_attention_class
@@ -23,7 +24,7 @@ from lrkv.data import iter_documents
 from lrkv.evaluation.compare import compare_runs, pareto_front, steps_to_target
 from lrkv.evaluation.diversity import effective_rank, gram_matrix, head_diversity
 from lrkv.evaluation.footprint import footprint_table
-from lrkv.evaluation.modes import MODES, prepare, run
+from lrkv.evaluation.modes import MODES, prepare
 from lrkv.generate import generate_batch
 from lrkv.io import load_pretrained, read_metrics
 
@@ -31,13 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS_1B = ["mha_1b", "gqa_1b", "mqa_1b", "mla_1b", "lrkv_1b"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def evaluate(out_dir, *overrides):
-    """Compose configs/evaluate.yaml with overrides (as on the command line) and run the mode in-process."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=list(overrides))
-    return run(cfg, out_dir, echo=False)
 
 
 def parse(command: str) -> tuple[str, dict]:

@@ -218,6 +218,18 @@ def test_training_on_a_mixture_logs_per_source_and_resumes_exactly(files, tmp_pa
         if row["val_loss"]:
             low, high = sorted([float(row["val_loss/web"]), float(row["val_loss/code"])])
             assert low <= float(row["val_loss"]) <= high
+    # evaluate.py's held-out loss of the finished run scores every source as training validated them
+    from train_helpers import evaluate
+
+    final = [r for r in rows if r["val_loss"]][-1]
+    out = evaluate(tmp_path / "eval", "mode=loss", f"ckpt={full}")
+    scored = json.loads((tmp_path / "eval" / "loss.json").read_text())
+    assert scored["sources"] == ["web", "code"] and "code: loss" in out["text"]
+    assert scored["loss"] == pytest.approx(float(final["val_loss"]), abs=1e-4)
+    for name in ("web", "code"):
+        assert scored[f"val_loss/{name}"] == pytest.approx(float(final[f"val_loss/{name}"]), abs=1e-4)
+        assert scored[f"val_bpb/{name}"] == pytest.approx(float(final[f"val_bpb/{name}"]), abs=1e-4)
+    assert scored["logged_val_loss"] == pytest.approx(float(final["val_loss"]))
     part = tmp_path / "part"
     with pytest.raises(TrainingInterrupted):
         train_in_process(overrides, part, callbacks=[StopAt(4)])

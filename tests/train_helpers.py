@@ -62,6 +62,15 @@ def compose_train(overrides: list[str]) -> dict:
     return plain
 
 
+def evaluate(out_dir, *overrides):
+    """Compose configs/evaluate.yaml with overrides (as on the command line) and run the mode in-process."""
+    from lrkv.evaluation.modes import run
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("evaluate", overrides=list(overrides))
+    return run(cfg, out_dir, echo=False)
+
+
 def train_in_process(overrides: list[str], run_dir: Path, callbacks=None):
     from lrkv.training.run import train
 

@@ -201,6 +201,10 @@ def evaluate_checkpoint_loss(
         raise ConfigError(
             f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}; lower loss.seq_len"
         )
+    if _mixture_sources(data_cfg) is not None:
+        return mixture_loss(
+            model, tokenizer, data_cfg, split=split, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches
+        )
     loader, settings = heldout_batches(
         data_cfg,
         tokenizer,
@@ -213,3 +217,65 @@ def evaluate_checkpoint_loss(
     )
     result = evaluate_batches(model, loader, token_byte_lengths(tokenizer))
     return {**settings, **result.to_dict(), "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
+
+
+# ---- mixtures ------------------------------------------------------------------------------------
+def _mixture_sources(data_cfg: dict | None):
+    flat = flatten_data_config(data_cfg)
+    if flat.get("source") == "mixture" or flat.get("sources"):
+        return flat.get("sources")
+    return None
+
+
+def mixture_loss(model, tokenizer, data_cfg: dict, *, split="val", seq_len=None, batch_size=None, max_batches=None):
+    """Held-out loss of a mixture run (data=mixture, lrkv/data/mixture.py): every source's validation
+    windows, as training validates them, scored per source (`val_loss/<name>`, `val_bpb/<name>`) and
+    together (token-weighted over all sources: the run's `val_loss`)."""
+    from lrkv.data import token_byte_lengths
+    from lrkv.data.mixture import Mixture
+
+    if split != "val":
+        raise ConfigError("a mixture run is scored on its sources' validation splits: use loss.split=val")
+    flat = flatten_data_config(data_cfg)
+    mixture = Mixture(
+        flat["sources"],
+        val_fraction=flat.get("val_fraction", 0.05),
+        split_seed=flat.get("split_seed", 0),
+        storage=flat.get("storage") if flat.get("storage") == "shards" else "memory",
+        cache_dir=flat.get("cache_dir") or ".cache/lrkv",
+    )
+    seq_len = int(seq_len or flat.get("seq_len") or model.cfg.max_seq_len)
+    batch_size = int(batch_size or flat.get("val_batch_size") or flat.get("batch_size") or 8)
+    max_batches = max_batches if max_batches is not None else flat.get("val_batches")
+    token_bytes = token_byte_lengths(tokenizer)
+    loaders = mixture.val_loader(
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        token_bytes=token_bytes,
+        max_batches=max_batches,
+    ).loaders
+    out: dict = {"source": "mixture", "sources": mixture.names, "split": split, "seq_len": seq_len}
+    out.update(batch_size=batch_size, max_batches=max_batches)
+    nats = tokens = nbytes = batches = seconds = 0.0
+    for name, loader in zip(mixture.names, loaders):
+        result = evaluate_batches(model, loader, token_bytes)
+        out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = result.loss, result.bpb
+        out[f"tokens/{name}"] = result.tokens
+        nats, tokens, nbytes = nats + result.nats, tokens + result.tokens, nbytes + result.bytes
+        batches, seconds = batches + result.batches, seconds + result.seconds
+    loss = nats / tokens
+    out.update(
+        loss=loss,
+        ppl=math.exp(min(loss, 700.0)),
+        bpb=nats / (math.log(2) * nbytes) if nbytes else None,
+        tokens=int(tokens),
+        bytes=int(nbytes),
+        nats=nats,
+        batches=int(batches),
+        seconds=seconds,
+        tokens_per_s=tokens / max(seconds, 1e-9),
+    )
+    return out

@@ -110,6 +110,10 @@ def loss(c: dict, out: Path):
         f"  loss {result['loss']:.4f} nats/token   ppl {result['ppl']:.3f}   bpb {bpb}   "
         f"({result['tokens_per_s']:,.0f} tokens/s)"
     )
+    for name in result.get("sources") or []:  # a mixture run: each source as training validated it
+        text += (
+            f"\n  {name}: loss {result[f'val_loss/{name}']:.4f}   bpb {result[f'val_bpb/{name}'] or float('nan'):.4f}"
+        )
     if logged is not None:
         text += f"\n  training logged val_loss {logged['val_loss']:.4f} at step {logged['step']} (same data)"
     elif same_data and run_dir is not None and any("val_loss" in row for row in read_metrics(run_dir)):
