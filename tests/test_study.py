@@ -197,6 +197,15 @@ def test_study_small_shape_and_budget():
     assert cfg["train"]["batch_tokens"] == cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
     ranks = compose_train(["experiment=study_small_ranks"])
     assert ranks["train"] == cfg["train"] and ranks["optim"] == cfg["optim"] and ranks["data"] == cfg["data"]
+    variants = str(_sweep("study_small")["model"]).split(",")
+    assert {load_model_config(v).attention for v in variants} == {"mha", "gqa", "mqa", "mla", "lrkv"}
+    decoupled = load_model_config("lrkv_dec_xsmall")  # the decoupled LRKV, same rank and shape as lrkv_xsmall
+    assert "lrkv_dec_xsmall" in variants and decoupled.residual_rope is False
+    assert decoupled.to_dict() == {
+        **load_model_config("lrkv_xsmall").to_dict(),
+        "name": "lrkv_dec_xsmall",
+        "residual_rope": False,
+    }
     swept = str(_sweep("study_small_ranks")["model.rank"]).split(",")
     assert len(swept) >= 3 and "0" in swept  # with lrkv_xsmall's r = 6: >= 4 ranks including 0
     assert "14" in swept and model["head_dim"] * 7 // 8 == 14
