@@ -35,19 +35,22 @@ def split_tokens(
     val_max_tokens: int | None = None,
     cache_dir: str = ".cache/lrkv",
     seed: int = 0,
+    shuffle: bool | None = None,
 ):
     """A ``TokenSource`` (``InMemoryTokens`` or ``ShardTokens``) of ``split`` ("train" or "val").
 
     ``max_tokens`` caps the training split, ``val_max_tokens`` the validation split (both are part of the
-    shard key, so changing either makes new shards).
+    shard key, so changing either makes new shards). ``shuffle`` (memory only; default: the training split)
+    puts the documents in a new seeded order every epoch; False keeps the source order (held-out scoring).
     """
     cap = max_tokens if split == "train" else val_max_tokens
+    shuffle = split == "train" if shuffle is None else shuffle
     if storage == "memory":
         if fmt == "text":
             return InMemoryTokens.from_texts(
-                iter_documents(corpus, split), tokenizer, max_tokens=cap, shuffle_documents=split == "train", seed=seed
+                iter_documents(corpus, split), tokenizer, max_tokens=cap, shuffle_documents=shuffle, seed=seed
             )
-        return _chat_memory(corpus, split, tokenizer, fmt, cap, seed)
+        return _chat_memory(corpus, split, tokenizer, fmt, cap, shuffle, seed)
     if storage != "shards":
         raise ConfigError(f"storage={storage!r} cannot be held as split tokens: use 'memory' or 'shards'")
     key = {"corpus": corpus_key(corpus), "tokenizer": tokenizer.sha256, "max_tokens": max_tokens}
@@ -78,8 +81,8 @@ def _chat_documents(corpus, split, tokenizer, fmt, cap):
         yield np.append(doc, ~tokenizer.eos_id).astype(np.int32)
 
 
-def _chat_memory(corpus, split, tokenizer, fmt, cap, seed):
+def _chat_memory(corpus, split, tokenizer, fmt, cap, shuffle, seed):
     from lrkv.data.chat import chat_tokens, iter_rows
 
     rows = iter_rows(corpus, split)
-    return chat_tokens(rows, tokenizer, fmt=fmt, max_tokens=cap, shuffle_documents=split == "train", seed=seed)
+    return chat_tokens(rows, tokenizer, fmt=fmt, max_tokens=cap, shuffle_documents=shuffle, seed=seed)

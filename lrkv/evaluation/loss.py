@@ -55,6 +55,30 @@ class LossResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_sums(cls, nats: float, tokens: int, nbytes: int, batches: int, seconds: float) -> LossResult:
+        """loss, ppl and bpb from summed nats, targets and bytes (see the module docstring)."""
+        if tokens == 0:
+            raise ConfigError("no target tokens to evaluate: the data gave no full window (lower seq_len or add data)")
+        loss = nats / tokens
+        return cls(
+            loss=loss,
+            ppl=math.exp(min(loss, 700.0)),
+            bpb=nats / (math.log(2) * nbytes) if nbytes else None,
+            tokens=int(tokens),
+            bytes=int(nbytes),
+            nats=nats,
+            batches=int(batches),
+            seconds=seconds,
+        )
+
+    @classmethod
+    def combine(cls, results: list[LossResult]) -> LossResult:
+        """One result over several (token-weighted: the sums add up)."""
+        return cls.from_sums(
+            *(sum(getattr(r, f) for r in results) for f in ("nats", "tokens", "bytes", "batches", "seconds"))
+        )
+
 
 @torch.no_grad()
 def evaluate_batches(
@@ -75,21 +99,7 @@ def evaluate_batches(
         total += loss_sums(model, batch, token_bytes)
         n_batches += 1
     nats, tokens, nbytes = total.tolist()
-    tokens, nbytes = int(tokens), int(nbytes)
-    if tokens == 0:
-        raise ConfigError("no target tokens to evaluate: the data gave no full window (lower seq_len or add data)")
-    loss = nats / tokens
-    bpb = nats / (math.log(2) * nbytes) if nbytes else None
-    return LossResult(
-        loss=loss,
-        ppl=math.exp(min(loss, 700.0)),
-        bpb=bpb,
-        tokens=tokens,
-        bytes=nbytes,
-        nats=nats,
-        batches=n_batches,
-        seconds=time.perf_counter() - start,
-    )
+    return LossResult.from_sums(nats, int(tokens), int(nbytes), n_batches, time.perf_counter() - start)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -128,7 +138,8 @@ def heldout_batches(
     CorpusSpec fields (source, val_fraction, split_seed, ...), seq_len, batch_size/val_batch_size,
     val_batches, max_tokens/val_max_tokens. Explicit arguments override them.
     """
-    from lrkv.data import BatchLoader, CorpusSpec, InMemoryTokens, iter_documents, token_byte_lengths
+    from lrkv.data import BatchLoader, CorpusSpec, token_byte_lengths
+    from lrkv.data.tokens import split_tokens
 
     if split not in ("val", "train"):
         raise ConfigError(f"loss.split={split!r} is unknown; use val or train")
@@ -148,13 +159,10 @@ def heldout_batches(
         batch_size = batch_size or flat.get("batch_size") or 8
         max_tokens = max_tokens if max_tokens is not None else flat.get("max_tokens")
     token_bytes = token_byte_lengths(tokenizer)
-    fmt = flat.get("format") or "text"
-    if fmt != "text":  # a chat run (data=chat): assistant tokens only, as its validation (lrkv/data/chat.py)
-        from lrkv.data.chat import chat_tokens, iter_rows
-
-        source = chat_tokens(iter_rows(spec, split), tokenizer, fmt=fmt, max_tokens=max_tokens)
-    else:
-        source = InMemoryTokens.from_texts(iter_documents(spec, split), tokenizer, max_tokens=max_tokens)
+    fmt = flat.get("format") or "text"  # chat runs (data=chat): assistant tokens only, as their validation
+    source = split_tokens(
+        spec, split, tokenizer, fmt=fmt, max_tokens=max_tokens, val_max_tokens=max_tokens, shuffle=False
+    )
     loader = BatchLoader(
         source,
         seq_len=seq_len,
@@ -241,7 +249,7 @@ def mixture_loss(model, tokenizer, data_cfg: dict, *, split="val", seq_len=None,
         flat["sources"],
         val_fraction=flat.get("val_fraction", 0.05),
         split_seed=flat.get("split_seed", 0),
-        storage=flat.get("storage") if flat.get("storage") == "shards" else "memory",
+        storage="shards" if flat.get("storage") == "shards" else "memory",  # mixtures are never streamed
         cache_dir=flat.get("cache_dir") or ".cache/lrkv",
     )
     seq_len = int(seq_len or flat.get("seq_len") or model.cfg.max_seq_len)
@@ -259,23 +267,11 @@ def mixture_loss(model, tokenizer, data_cfg: dict, *, split="val", seq_len=None,
     ).loaders
     out: dict = {"source": "mixture", "sources": mixture.names, "split": split, "seq_len": seq_len}
     out.update(batch_size=batch_size, max_batches=max_batches)
-    nats = tokens = nbytes = batches = seconds = 0.0
+    results = []
     for name, loader in zip(mixture.names, loaders):
         result = evaluate_batches(model, loader, token_bytes)
         out[f"val_loss/{name}"], out[f"val_bpb/{name}"] = result.loss, result.bpb
         out[f"tokens/{name}"] = result.tokens
-        nats, tokens, nbytes = nats + result.nats, tokens + result.tokens, nbytes + result.bytes
-        batches, seconds = batches + result.batches, seconds + result.seconds
-    loss = nats / tokens
-    out.update(
-        loss=loss,
-        ppl=math.exp(min(loss, 700.0)),
-        bpb=nats / (math.log(2) * nbytes) if nbytes else None,
-        tokens=int(tokens),
-        bytes=int(nbytes),
-        nats=nats,
-        batches=int(batches),
-        seconds=seconds,
-        tokens_per_s=tokens / max(seconds, 1e-9),
-    )
-    return out
+        results.append(result)
+    total = LossResult.combine(results)
+    return {**out, **total.to_dict(), "tokens_per_s": total.tokens / max(total.seconds, 1e-9)}

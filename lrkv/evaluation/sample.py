@@ -91,7 +91,7 @@ def generate_text(
         "samples": results,
         "new_tokens": new_tokens,
         "seconds": seconds,
-        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+        "tokens_per_s": dec.tokens_per_s,
         "settings": {
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
